@@ -1,0 +1,218 @@
+"""The `ccam` command line: one command per stage, plus `run`, `status` and `phantom`.
+
+Every stage command takes ``--workdir``, ``--config FILE`` and ``--set section.key=value``;
+the resolved config is saved as ``W/config.yaml`` and reused by later commands.
+User errors print one line and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ccam import __version__
+from ccam import config as config_mod
+from ccam.errors import UserError
+
+log = logging.getLogger("ccam")
+_DEBUG = {"on": False}
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[ccam %(asctime)s] %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ccam")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(debug: bool, quiet: bool) -> None:
+    """C-CAM: voxel masks from slice-level tags on 3D medical volumes.
+
+    \b
+    Typical use:
+      ccam phantom --out demo_data --cases 12          # or bring your own manifest
+      ccam run --manifest demo_data/manifest.json --workdir runs/demo --config configs/demo.yaml
+      ccam status --workdir runs/demo
+    """
+    _DEBUG["on"] = debug
+    _setup_logging(quiet)
+
+
+def common_options(f):
+    f = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")(f)
+    f = click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")(f)
+    return f
+
+
+def load_settings(workdir: str, config_file, sets, save: bool = True) -> config_mod.Config:
+    cfg = config_mod.resolve(Path(workdir), config_file, sets)
+    if save:
+        config_mod.save(cfg, Path(workdir))
+    from ccam.training import configure_threads
+
+    configure_threads(cfg)
+    return cfg
+
+
+def _make_stage_command(stage) -> click.Command:
+    def callback(workdir, config_file, sets, force, **options):
+        from ccam.runner import WorkdirLock, run_stage
+
+        with WorkdirLock(Path(workdir)):
+            cfg = load_settings(workdir, config_file, sets)
+            run_stage(Path(workdir), cfg, stage.name, options, force=force)
+
+    help_text = stage.help + ("\n\n\b\nExamples:\n" + "\n".join("  " + line for line in stage.examples.splitlines()) if stage.examples else "")
+    cmd = click.Command(stage.name, callback=callback, help=help_text, short_help=stage.help.split(". ")[0].rstrip("."))
+    params = [
+        click.Option(["--workdir", "-w"], required=True, type=click.Path(file_okay=False), help="Work directory of the run."),
+        click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml)."),
+        click.Option(["--set", "sets"], multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable)."),
+        click.Option(["--force"], is_flag=True, help="Run even if the stage is up to date (discards its partial state)."),
+    ]
+    cmd.params = params + list(stage.options)
+    return cmd
+
+
+def _register_stage_commands() -> None:
+    import ccam.stages
+    from ccam.runner import STAGES
+
+    # custom commands of stage modules (e.g. `predict` with --input/--output) win over generated ones
+    for mod in ccam.stages.MODULES:
+        for cmd in getattr(mod, "COMMANDS", []):
+            cli.add_command(cmd)
+    for st in STAGES.values():
+        if st.name not in cli.commands:
+            cli.add_command(_make_stage_command(st))
+
+
+@cli.command("status")
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False, exists=False), help="Work directory of the run.")
+@click.option("--pipeline", type=click.Path(dir_okay=False), help="Stage graph (default pipelines/ccam.yaml).")
+def status_cmd(workdir: str, pipeline) -> None:
+    """Show each stage of the pipeline as done / stale / missing.
+
+    \b
+    Examples:
+      ccam status --workdir runs/demo
+    """
+    from ccam.runner import get_stage, load_pipeline, read_record, stage_status
+
+    wd = Path(workdir)
+    if not wd.is_dir():
+        raise UserError("work directory does not exist", path=str(wd), fix="run `ccam prepare` or `ccam run` first")
+    cfg = config_mod.resolve(wd)
+    names = [s if isinstance(s, str) else s["stage"] for s in load_pipeline(pipeline)["stages"]]
+    memo: dict = {}
+    click.echo(f"{'stage':<14} {'status':<8} {'finished':<20} folder")
+    for name in names:
+        st = get_stage(name)
+        s = stage_status(wd, cfg, name, memo)
+        rec = read_record(wd, st) or {}
+        click.echo(f"{name:<14} {s:<8} {rec.get('finished', '-'):<20} {wd / st.folder}")
+
+
+@cli.command("run")
+@click.option("--manifest", "-m", type=click.Path(dir_okay=False), help="Data manifest (needed until `prepare` is done).")
+@common_options
+@click.option("--pipeline", type=click.Path(dir_okay=False), help="Stage graph YAML (default pipelines/ccam.yaml).")
+@click.option("--until", "until", metavar="STAGE", help="Stop after this stage.")
+@click.option("--from", "from_", metavar="STAGE", help="Re-run from this stage on, even if up to date.")
+def run_cmd(manifest, workdir, config_file, sets, pipeline, until, from_) -> None:
+    """Run the whole pipeline with skip/resume: every stage whose record is current is skipped.
+
+    \b
+    Examples:
+      ccam run --manifest data_manifests/demo.json --workdir runs/demo --config configs/demo.yaml
+      ccam run --workdir runs/demo --from train-ccam --set ccam.epochs=10
+      ccam run --manifest m.json --workdir runs/x --until sample
+    """
+    from ccam.runner import WorkdirLock, get_stage, load_pipeline, read_record, run_stage
+
+    pipe = load_pipeline(pipeline)
+    names = [s if isinstance(s, str) else s["stage"] for s in pipe["stages"]]
+    for flag, val in (("--until", until), ("--from", from_)):
+        if val is not None and val not in names:
+            raise UserError(f"{flag} {val}: not a stage of this pipeline", fix=f"choose one of: {', '.join(names)}")
+    wd = Path(workdir)
+    run_opts = {"manifest": manifest}
+    with WorkdirLock(wd):
+        cfg = load_settings(workdir, config_file, sets)
+        if manifest is None:
+            rec = read_record(wd, get_stage("prepare"))
+            if rec is None:
+                raise UserError("no manifest given and no prepared cohort in the work directory", path=str(wd), fix="pass --manifest")
+            run_opts["manifest"] = rec["options"].get("manifest")
+        forcing = False
+        ran = 0
+        for name in names:
+            st = get_stage(name)
+            forcing = forcing or name == from_
+            opts = {p.name: run_opts[p.name] for p in st.options if p.name in run_opts}
+            before = read_record(wd, st)
+            after = run_stage(wd, cfg, name, opts, force=forcing and name == from_)
+            ran += before is None or before.get("finished") != after.get("finished")
+            if name == until:
+                break
+        if ran == 0:
+            click.echo("ccam run: every stage is up to date, nothing to do.", err=True)
+
+
+@cli.command("phantom")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder (images/, masks/, manifest.json).")
+@click.option("--cases", "-n", default=20, show_default=True, type=click.IntRange(1, 10000), help="Number of cases.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same cohort).")
+@click.option("--modality", type=click.Choice(["MR", "CT"]), default="MR", show_default=True, help="MR-like or CT-like volumes.")
+def phantom_cmd(out, cases, seed, modality) -> None:
+    """Generate a synthetic abdominal cohort (liver, kidneys, spleen) with ground truth and a manifest.
+
+    \b
+    Examples:
+      ccam phantom --out demo_data --cases 20 --seed 0
+      ccam phantom --out ct_data --cases 8 --modality CT
+    """
+    from ccam.data.phantom import make_phantom_cohort
+
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder ({e.strerror})", path=out, fix="choose a writable --out")
+    path = make_phantom_cohort(Path(out), n_cases=cases, seed=seed, modality=modality)
+    click.echo(str(path))
+
+
+def main(argv=None) -> int:
+    _register_stage_commands()
+    try:
+        cli.main(args=argv, prog_name="ccam", standalone_mode=False)
+    except UserError as e:
+        if _DEBUG["on"]:
+            raise
+        click.echo(f"ccam: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("ccam: aborted", err=True)
+        return 130
+    except click.exceptions.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("ccam: interrupted; re-run the same command to resume", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The prepared cohort: what `prepare` wrote, read back by every later stage.
+
+Layout of ``W/prepare/``::
+
+    cases.json               classes, modality, slice axis, and per case: split, paths, geometry
+    slices/<case_id>.npy     (N, S, S) float32 normalised slices, read by memory map
+    tags/<case_id>.npy       (N, K) uint8 slice tags (1 = class present in the slice)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ccam.errors import UserError
+from ccam.io.geometry import SliceGeometry
+
+LEFT_RIGHT_PREFIXES = (("left_", "right_"), ("l_", "r_"), ("left", "right"))
+
+
+def has_left_right_pair(classes: list[str]) -> bool:
+    """True when the class list holds a left/right twin (e.g. left_kidney / right_kidney)."""
+    names = [c.lower() for c in classes]
+    for left, right in LEFT_RIGHT_PREFIXES:
+        for n in names:
+            if n.startswith(left) and (right + n[len(left):]) in names:
+                return True
+    for n in names:
+        for a, b in (("_left", "_right"), ("_l", "_r")):
+            if n.endswith(a) and (n[: -len(a)] + b) in names:
+                return True
+    return False
+
+
+@dataclass
+class PreparedCase:
+    id: str
+    split: str
+    image_path: str  # source image
+    mask_path: Optional[str]  # ground truth: evaluation only
+    geometry: SliceGeometry
+    root: Path
+
+    @property
+    def n_slices(self) -> int:
+        return self.geometry.n_slices
+
+    def slices(self) -> np.ndarray:
+        """(N, S, S) float32, memory-mapped."""
+        return np.load(self.root / "slices" / f"{self.id}.npy", mmap_mode="r")
+
+    def tags(self) -> np.ndarray:
+        """(N, K) uint8."""
+        return np.load(self.root / "tags" / f"{self.id}.npy")
+
+
+class Cohort:
+    """Read-only view of ``W/prepare``."""
+
+    def __init__(self, workdir: str | Path):
+        self.root = Path(workdir) / "prepare"
+        p = self.root / "cases.json"
+        if not p.exists():
+            raise UserError("no prepared cohort", path=str(self.root), fix=f"run `ccam prepare --manifest M --workdir {workdir}` first")
+        meta = json.loads(p.read_text())
+        self.meta = meta
+        self.classes: list[str] = meta["classes"]
+        self.modality: str = meta["modality"]
+        self.slice_axis: str = meta["slice_axis"]
+        self.slice_size: int = meta["slice_size"]
+        self.cases: list[PreparedCase] = [
+            PreparedCase(c["id"], c["split"], c["image"], c.get("mask"), SliceGeometry.from_dict(c["geometry"]), self.root)
+            for c in meta["cases"]
+        ]
+
+    @property
+    def num_classes(self) -> int:
+        """K foreground classes (C = K + 1 with background)."""
+        return len(self.classes)
+
+    @cached_property
+    def left_right_pair(self) -> bool:
+        return has_left_right_pair(self.classes)
+
+    def split(self, *names: str) -> list[PreparedCase]:
+        return [c for c in self.cases if c.split in names]
+
+    def case(self, case_id: str) -> PreparedCase:
+        for c in self.cases:
+            if c.id == case_id:
+                return c
+        raise UserError(f"case '{case_id}' is not in the prepared cohort", path=str(self.root), fix="check the case id")
+
+
+class SliceDataset(Dataset):
+    """All slices of some cases: item = dict(image (1, S, S) float32, tags (K,) float32, case, index).
+
+    ``positives_only`` keeps the slices with at least one tag (C-CAM's training set).
+    Slices are read from memory maps on access, so the cohort never has to fit in memory.
+    """
+
+    def __init__(self, cases: list[PreparedCase], positives_only: bool = False):
+        self.cases = cases
+        self.index: list[tuple[int, int]] = []
+        self._tags = [c.tags() for c in cases]
+        self._maps: dict[int, np.ndarray] = {}
+        for ci, t in enumerate(self._tags):
+            for s in range(t.shape[0]):
+                if not positives_only or t[s].any():
+                    self.index.append((ci, s))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _slices(self, ci: int) -> np.ndarray:
+        if ci not in self._maps:
+            self._maps[ci] = self.cases[ci].slices()
+        return self._maps[ci]
+
+    def __getitem__(self, i: int) -> dict:
+        ci, s = self.index[i]
+        img = torch.from_numpy(np.array(self._slices(ci)[s], dtype=np.float32))[None]
+        return {"image": img, "tags": torch.from_numpy(self._tags[ci][s].astype(np.float32)),
+                "case": self.cases[ci].id, "index": s}

@@ -1,0 +1,226 @@
+"""Data manifests (DESIGN section 3): parse, validate everything at once, resolve tags.
+
+A bad manifest is rejected before any work with every problem listed, each naming the case and
+the field. Ground-truth masks are only opened here for their header (grid check) or, with
+``tags_from_masks``, to derive slice tags; their voxels never reach a training step.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ccam.errors import ManifestError, UserError
+from ccam.io.volume import read_header, read_volume, slice_axis_of
+
+SPLITS = ("train", "val", "test")
+
+
+class CaseEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    image: str
+    tags: Union[dict[str, list[list[int]]], str, None] = None
+    mask: Optional[str] = None
+    split: str = "train"
+
+
+class ManifestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    modality: Literal["CT", "MR"]
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    classes: list[str]
+    tags_from_masks: bool = False
+    cases: list[CaseEntry]
+
+
+@dataclass
+class Case:
+    """One resolved case: absolute paths, (N, K) uint8 slice tags along the file's slice axis."""
+
+    id: str
+    image: str
+    mask: Optional[str]
+    split: str
+    shape: tuple
+    affine: np.ndarray
+    tags: np.ndarray = field(repr=False)
+
+
+@dataclass
+class Manifest:
+    path: str
+    name: str
+    modality: str
+    slice_axis: str
+    classes: list[str]
+    cases: list[Case]
+    sha256: str
+
+    def split(self, name: str) -> list[Case]:
+        return [c for c in self.cases if c.split == name]
+
+
+def _ranges_problems(cid: str, cls: str, ranges, n: int) -> list[str]:
+    probs = []
+    prev_end = None
+    for r in sorted(ranges, key=lambda r: r[0] if len(r) == 2 else 0):
+        if len(r) != 2:
+            probs.append(f"case {cid}: tags.{cls}: range {r} must be [start, end]")
+            continue
+        a, b = r
+        if a > b:
+            probs.append(f"case {cid}: tags.{cls}: range [{a}, {b}] is reversed")
+        if a < 0 or b >= n:
+            probs.append(f"case {cid}: tags.{cls}: range [{a}, {b}] is outside the volume's {n} slices (0..{n - 1})")
+        if prev_end is not None and a <= prev_end:
+            probs.append(f"case {cid}: tags.{cls}: ranges overlap at slice {a}")
+        prev_end = b if prev_end is None else max(prev_end, b)
+    return probs
+
+
+def _read_tags_csv(path: Path, cid: str, classes: list[str], n: int, probs: list[str]) -> np.ndarray | None:
+    tags = np.zeros((n, len(classes)), np.uint8)
+    if not path.exists():
+        probs.append(f"case {cid}: tags: file not found: {path}")
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or rows[0][0].strip() != "slice":
+        probs.append(f"case {cid}: tags: {path} must start with a header row 'slice,<class>,...'")
+        return None
+    header = [h.strip() for h in rows[0][1:]]
+    unknown = [h for h in header if h not in classes]
+    if unknown:
+        probs.append(f"case {cid}: tags: unknown class(es) {unknown} in {path.name} (classes: {classes})")
+        return None
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        try:
+            s = int(row[0])
+            vals = [int(v) for v in row[1:]]
+        except ValueError:
+            probs.append(f"case {cid}: tags: {path.name} line {line_no} is not integers")
+            return None
+        if not 0 <= s < n:
+            probs.append(f"case {cid}: tags: {path.name} line {line_no}: slice {s} outside the volume's {n} slices")
+            continue
+        if any(v not in (0, 1) for v in vals) or len(vals) != len(header):
+            probs.append(f"case {cid}: tags: {path.name} line {line_no}: values must be one 0/1 per class")
+            continue
+        for h, v in zip(header, vals):
+            tags[s, classes.index(h)] = v
+    return tags
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse and validate a manifest; raise ManifestError listing every problem found."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("manifest not found", path=str(path), fix="check the --manifest path")
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"manifest is not valid JSON (line {e.lineno}: {e.msg})", path=str(path), fix="fix the JSON syntax")
+    try:
+        m = ManifestModel.model_validate(data)
+    except ValidationError as e:
+        probs = []
+        for err in e.errors():
+            loc = list(err["loc"])
+            where = ""
+            if len(loc) >= 2 and loc[0] == "cases" and isinstance(loc[1], int):
+                cases = data.get("cases") or []
+                cid = cases[loc[1]].get("id", f"#{loc[1]}") if loc[1] < len(cases) and isinstance(cases[loc[1]], dict) else f"#{loc[1]}"
+                where = f"case {cid}: "
+                loc = loc[2:]
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            probs.append(f"{where}{'.'.join(str(x) for x in loc) or 'manifest'}: {msg}")
+        raise ManifestError(str(path), probs)
+
+    root = path.parent
+    probs: list[str] = []
+    if not m.cases:
+        probs.append("cases: the cohort is empty")
+    if not m.classes:
+        probs.append("classes: no classes given")
+    if len(set(m.classes)) != len(m.classes):
+        probs.append("classes: duplicate class names")
+    seen: set[str] = set()
+    resolved: list[Case] = []
+    for c in m.cases:
+        if c.id in seen:
+            probs.append(f"case {c.id}: id: duplicate id")
+        seen.add(c.id)
+        if c.split not in SPLITS:
+            probs.append(f"case {c.id}: split: '{c.split}' is not one of train/val/test")
+        img_path = (root / c.image).resolve()
+        mask_path = (root / c.mask).resolve() if c.mask else None
+        try:
+            shape, affine = read_header(img_path, case=c.id)
+        except UserError as e:
+            probs.append(f"case {c.id}: image: {e}")
+            continue
+        n = shape[slice_axis_of(affine, m.slice_axis)]
+        if mask_path is not None:
+            try:
+                mshape, maffine = read_header(mask_path, case=c.id)
+                if tuple(mshape) != tuple(shape) or not np.allclose(maffine, affine, atol=1e-3):
+                    probs.append(f"case {c.id}: mask: image and mask are on different grids (shape {tuple(shape)} vs {tuple(mshape)})")
+                    mask_path = None
+            except UserError as e:
+                probs.append(f"case {c.id}: mask: {e}")
+                mask_path = None
+        tags = np.zeros((n, len(m.classes)), np.uint8)
+        if m.tags_from_masks:
+            if c.mask is None:
+                probs.append(f"case {c.id}: mask: tags_from_masks is true but the case has no mask")
+            elif mask_path is not None:
+                tags = _tags_from_mask(mask_path, c.id, affine, m.slice_axis, len(m.classes), probs)
+        elif isinstance(c.tags, str):
+            t = _read_tags_csv((root / c.tags).resolve(), c.id, m.classes, n, probs)
+            if t is not None:
+                tags = t
+        elif c.tags is None:
+            probs.append(f"case {c.id}: tags: missing (give ranges, a CSV file, or set tags_from_masks)")
+        else:
+            for cls, ranges in c.tags.items():
+                if cls not in m.classes:
+                    probs.append(f"case {c.id}: tags: unknown class '{cls}' (classes: {', '.join(m.classes)})")
+                    continue
+                rp = _ranges_problems(c.id, cls, ranges, n)
+                probs.extend(rp)
+                if not rp:
+                    k = m.classes.index(cls)
+                    for a, b in ranges:
+                        tags[a:b + 1, k] = 1
+        resolved.append(Case(c.id, str(img_path), str(mask_path) if mask_path else None, c.split, tuple(shape), affine, tags))
+    if m.cases and not any(c.split == "train" for c in m.cases):
+        probs.append("cases: no case has split 'train'")
+    if probs:
+        raise ManifestError(str(path), probs)
+    return Manifest(str(path.resolve()), m.name, m.modality, m.slice_axis, list(m.classes), resolved,
+                    hashlib.sha256(raw).hexdigest())
+
+
+def _tags_from_mask(mask_path: Path, cid: str, affine, slice_axis: str, k: int, probs: list[str]) -> np.ndarray:
+    vol = read_volume(mask_path, case=cid)
+    ax = slice_axis_of(affine, slice_axis)
+    lab = np.moveaxis(np.asarray(vol.array), ax, 0)
+    n = lab.shape[0]
+    tags = np.zeros((n, k), np.uint8)
+    if lab.max() > k:
+        probs.append(f"case {cid}: mask: label {int(lab.max())} exceeds the {k} classes")
+    for c in range(k):
+        tags[:, c] = (lab == c + 1).reshape(n, -1).any(axis=1)
+    return tags

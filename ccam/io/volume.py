@@ -1,0 +1,190 @@
+"""Volume I/O on exact geometry.
+
+NIfTI goes through nibabel; MHA, NRRD and DICOM series go through SimpleITK. Arrays are always
+returned in the file's own voxel order with a 4x4 RAS affine (nibabel convention), so a file
+stored LPS, RAS or with the slice axis first describes the same anatomy.
+
+Label maps are written as NIfTI-1, uint8 (uint16 above 255 classes), on exactly the source grid,
+with the source affine as both qform and sform and a fresh header (no patient text fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ccam.errors import UserError
+from ccam.io.atomic import atomic_path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+AXIS_OF_SLICE = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS world axis normal to the slice
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D volume: ``array`` (I, J, K) in file voxel order and its RAS ``affine`` (4, 4)."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    qform_code: int = 1
+    sform_code: int = 1
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(x) for x in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def is_volume_path(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES + SITK_SUFFIXES) or path.is_dir()
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _squeeze_3d(shape: tuple, path: Path, case: str | None) -> tuple:
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise UserError(
+            f"image has {len(shape)} dimensions {shape}, a 3D volume is needed", case=case, path=str(path),
+            fix="split 4D series into one 3D file per volume",
+        )
+    return shape
+
+
+def _sitk_affine(img) -> np.ndarray:
+    """RAS affine of a SimpleITK image whose array is transposed to (x, y, z) index order."""
+    d = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    s = np.array(img.GetSpacing(), dtype=np.float64)
+    o = np.array(img.GetOrigin(), dtype=np.float64)
+    aff = np.eye(4)
+    aff[:3, :3] = d * s[None, :]
+    aff[:3, 3] = o
+    return _LPS_TO_RAS @ aff
+
+
+def _read_sitk(path: Path, case: str | None, header_only: bool):
+    import SimpleITK as sitk
+
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise UserError("folder holds no DICOM series", case=case, path=str(path), fix="point to a NIfTI/MHA/NRRD file or a DICOM series folder")
+            reader.SetFileNames(files)
+            img = reader.Execute()
+        elif header_only:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+            ndim = len(size)
+            if ndim != 3 and not (ndim == 4 and size[3] == 1):
+                _squeeze_3d(tuple(size), path, case)
+            d = np.array(reader.GetDirection(), dtype=np.float64)
+            k = int(round(np.sqrt(d.size)))
+            d = d.reshape(k, k)[:3, :3]
+            aff = np.eye(4)
+            aff[:3, :3] = d * np.array(reader.GetSpacing()[:3])[None, :]
+            aff[:3, 3] = reader.GetOrigin()[:3]
+            return tuple(int(s) for s in size[:3]), _LPS_TO_RAS @ aff
+        else:
+            img = sitk.ReadImage(str(path))
+    except UserError:
+        raise
+    except Exception as e:  # SimpleITK raises RuntimeError with a long multi-line text
+        raise UserError(f"cannot read image ({str(e).strip().splitlines()[-1][:160]})", case=case, path=str(path), fix="check the file is a valid, complete image")
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        _squeeze_3d(tuple(img.GetSize()) + ((2,) if img.GetNumberOfComponentsPerPixel() > 1 else ()), path, case)
+    arr = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0)  # (z,y,x) -> (x,y,z) = index order
+    return np.array(arr), _sitk_affine(img)
+
+
+def read_header(path: str | Path, case: str | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape (I, J, K) and RAS affine without reading the voxels."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found", case=case, path=str(path), fix="check the path in the manifest")
+    if _is_nifti(path):
+        try:
+            img = nib.load(str(path))
+        except Exception as e:
+            raise UserError(f"cannot read image header ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path), fix="check the file is a valid, complete NIfTI")
+        return _squeeze_3d(img.shape, path, case), np.asarray(img.affine, dtype=np.float64)
+    return _read_sitk(path, case, header_only=True)
+
+
+def read_volume(path: str | Path, case: str | None = None, dtype=None) -> Volume:
+    """Read a 3D volume; raise UserError naming the case and file for anything unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found", case=case, path=str(path), fix="check the path in the manifest")
+    if _is_nifti(path):
+        try:
+            img = nib.load(str(path))
+            shape = _squeeze_3d(img.shape, path, case)
+            arr = np.asanyarray(img.dataobj)
+            if dtype is not None:
+                arr = arr.astype(dtype, copy=False)
+            arr = arr.reshape(shape)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read image ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path), fix="the file is corrupt or truncated; re-export it")
+        hdr = img.header
+        qc, sc = int(hdr["qform_code"]), int(hdr["sform_code"])
+        return Volume(arr, np.asarray(img.affine, dtype=np.float64), str(path), qc or (0 if sc else 1), sc or (0 if qc else 1))
+    arr, aff = _read_sitk(path, case, header_only=False)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    return Volume(arr, aff, str(path))
+
+
+def slice_axis_of(affine: np.ndarray, slice_axis: str) -> int:
+    """Voxel axis (0..2) whose direction is closest to the world normal of ``slice_axis``."""
+    ornt = nib.orientations.io_orientation(affine)
+    world = AXIS_OF_SLICE[slice_axis]
+    return int(np.flatnonzero(ornt[:, 0] == world)[0])
+
+
+def label_dtype(n_labels: int):
+    return np.uint8 if n_labels <= 255 else np.uint16
+
+
+def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray, *, n_labels: int | None = None,
+                    qform_code: int = 1, sform_code: int = 1) -> Path:
+    """Write a label map (I, J, K) on the source grid; returns the path. Atomic."""
+    path = Path(path)
+    top = int(labels.max()) if labels.size else 0
+    dtype = label_dtype(max(top, n_labels or 0))
+    img = nib.Nifti1Image(np.asarray(labels).astype(dtype, copy=False), affine)
+    img.set_qform(affine, code=int(qform_code) or 1)
+    img.set_sform(affine, code=int(sform_code) or 1)
+    img.header.set_xyzt_units("mm", "sec")
+    for field in ("descrip", "aux_file", "db_name", "intent_name"):
+        img.header[field] = b""
+    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_float_map(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.float16) -> Path:
+    """Write float maps (probabilities, CAMs) as NIfTI; (I, J, K) or (I, J, K, C)."""
+    path = Path(path)
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
+        nib.save(img, str(tmp))
+    return path
