@@ -1,0 +1,63 @@
+"""Segmentation metrics on label volumes, from MONAI: Dice, HD95 and ASSD in millimetres.
+
+All functions take label maps (I, J, K) with 0 = background and 1..K = classes, on the same grid.
+A class absent from both prediction and ground truth gives NaN (left out of means, not zero).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+
+def _onehot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(I, J, K) -> (1, C, I, J, K) uint8 one-hot, C = num_classes + 1."""
+    t = torch.as_tensor(np.asarray(labels).astype(np.int64)).clamp_(0, num_classes)
+    return F.one_hot(t, num_classes + 1).movedim(-1, 0)[None].to(torch.uint8)
+
+
+def dice_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K,) Dice per foreground class; NaN where the class is in neither volume."""
+    d = compute_dice(_onehot(pred, num_classes), _onehot(gt, num_classes), include_background=False, ignore_empty=False)[0].numpy()
+    both_empty = np.array([not ((pred == k).any() or (gt == k).any()) for k in range(1, num_classes + 1)])
+    d = d.astype(np.float64)
+    d[both_empty] = np.nan
+    return d
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(HD95 (K,), ASSD (K,)) in the units of ``spacing`` (mm); NaN where either volume lacks the class."""
+    p, g = _onehot(pred, num_classes).float(), _onehot(gt, num_classes).float()
+    sp = [float(s) for s in spacing]
+    with warnings.catch_warnings():  # MONAI warns for every absent class; those come back as NaN
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(p, g, include_background=False, percentile=95, spacing=sp)[0].numpy().astype(np.float64)
+        asd = compute_average_surface_distance(p, g, include_background=False, symmetric=True, spacing=sp)[0].numpy().astype(np.float64)
+    missing = np.array([not ((pred == k).any() and (gt == k).any()) for k in range(1, num_classes + 1)])
+    hd[missing] = np.nan
+    asd[missing] = np.nan
+    return hd, asd
+
+
+class DiceAccumulator:
+    """Pooled Dice over many cases: sums of intersections and sizes per class, (K,)."""
+
+    def __init__(self, num_classes: int):
+        self.k = num_classes
+        self.inter = np.zeros(num_classes)
+        self.total = np.zeros(num_classes)
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        for c in range(1, self.k + 1):
+            p, g = pred == c, gt == c
+            self.inter[c - 1] += np.logical_and(p, g).sum()
+            self.total[c - 1] += p.sum() + g.sum()
+
+    def dice(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.total > 0, 2 * self.inter / self.total, np.nan)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a small synthetic cohort and prepared work directories built from it.
+
+Building is done once per session and copied per test, so every test gets its own work
+directory in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from ccam.cli import main as ccam_main  # noqa: E402
+
+SMALL_SHAPE = (64, 64, 16)
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(tmp_path_factory) -> Path:
+    """8-case MR cohort, (64, 64, 16) base shape, seed 0, splits train/val/test, RAS/LPS/slice-first files."""
+    from ccam.data.phantom import make_phantom_cohort
+
+    out = tmp_path_factory.mktemp("phantom")
+    return make_phantom_cohort(out, n_cases=8, seed=0, modality="MR", shape=SMALL_SHAPE)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``rc, out, err = cli("prepare", "--workdir", ...)``."""
+
+    def run(*args: str):
+        rc = ccam_main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+
+    return run
+
+
+_PREPARED: dict = {}
+
+
+@pytest.fixture
+def prepared(tmp_path, phantom_manifest, tmp_path_factory):
+    """``prepared(slice_size=32, *sets) -> Path``: a fresh work dir whose `prepare` stage is done."""
+
+    def make(slice_size: int = 32, *sets: str) -> Path:
+        key = (slice_size,) + tuple(sets)
+        if key not in _PREPARED:
+            src = tmp_path_factory.mktemp("prepared")
+            args = ["prepare", "--manifest", str(phantom_manifest), "--workdir", str(src),
+                    "--set", f"data.slice_size={slice_size}"]
+            for s in sets:
+                args += ["--set", s]
+            assert ccam_main(args) == 0
+            _PREPARED[key] = src
+        dst = tmp_path / f"work{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(_PREPARED[key], dst)
+        return dst
+
+    return make
