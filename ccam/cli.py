@@ -137,35 +137,13 @@ def run_cmd(manifest, workdir, config_file, sets, pipeline, until, from_) -> Non
       ccam run --workdir runs/demo --from train-ccam --set ccam.epochs=10
       ccam run --manifest m.json --workdir runs/x --until sample
     """
-    from ccam.runner import WorkdirLock, get_stage, load_pipeline, read_record, run_stage
+    from ccam.runner import WorkdirLock, run_pipeline
 
-    pipe = load_pipeline(pipeline)
-    names = [s if isinstance(s, str) else s["stage"] for s in pipe["stages"]]
-    for flag, val in (("--until", until), ("--from", from_)):
-        if val is not None and val not in names:
-            raise UserError(f"{flag} {val}: not a stage of this pipeline", fix=f"choose one of: {', '.join(names)}")
-    wd = Path(workdir)
-    run_opts = {"manifest": manifest}
-    with WorkdirLock(wd):
+    with WorkdirLock(Path(workdir)):
         cfg = load_settings(workdir, config_file, sets)
-        if manifest is None:
-            rec = read_record(wd, get_stage("prepare"))
-            if rec is None:
-                raise UserError("no manifest given and no prepared cohort in the work directory", path=str(wd), fix="pass --manifest")
-            run_opts["manifest"] = rec["options"].get("manifest")
-        forcing = False
-        ran = 0
-        for name in names:
-            st = get_stage(name)
-            forcing = forcing or name == from_
-            opts = {p.name: run_opts[p.name] for p in st.options if p.name in run_opts}
-            before = read_record(wd, st)
-            after = run_stage(wd, cfg, name, opts, force=forcing and name == from_)
-            ran += before is None or before.get("finished") != after.get("finished")
-            if name == until:
-                break
-        if ran == 0:
-            click.echo("ccam run: every stage is up to date, nothing to do.", err=True)
+        ran = run_pipeline(Path(workdir), cfg, pipeline, manifest=manifest, until=until, from_=from_)
+    if not ran:
+        click.echo("ccam run: every stage is up to date, nothing to do.", err=True)
 
 
 @cli.command("phantom")

@@ -211,6 +211,38 @@ def load_pipeline(path: Optional[str | Path] = None) -> dict:
     return data
 
 
+def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = None, *, manifest: Optional[str] = None,
+                 until: Optional[str] = None, from_: Optional[str] = None, options: Optional[dict] = None) -> list[str]:
+    """Run the stages of a pipeline in order with skip/resume; returns the names of stages that ran.
+
+    ``from_`` forces that stage (and so everything after it) to run again; ``until`` stops after
+    it. ``options`` are offered to every stage that declares an option of that name.
+    """
+    pipe = load_pipeline(pipeline)
+    names = [s if isinstance(s, str) else s["stage"] for s in pipe["stages"]]
+    for flag, val in (("--until", until), ("--from", from_)):
+        if val is not None and val not in names:
+            raise UserError(f"{flag} {val}: not a stage of this pipeline", fix=f"choose one of: {', '.join(names)}")
+    run_opts = dict(options or {})
+    run_opts["manifest"] = manifest
+    if manifest is None:
+        rec = read_record(workdir, get_stage("prepare"))
+        if rec is None:
+            raise UserError("no manifest given and no prepared cohort in the work directory", path=str(workdir), fix="pass --manifest")
+        run_opts["manifest"] = rec["options"].get("manifest")
+    ran = []
+    for name in names:
+        st = get_stage(name)
+        opts = {p.name: run_opts[p.name] for p in st.options if p.name in run_opts}
+        before = read_record(workdir, st)
+        after = run_stage(workdir, cfg, name, opts, force=name == from_)
+        if before is None or before.get("finished") != after.get("finished"):
+            ran.append(name)
+        if name == until:
+            break
+    return ran
+
+
 class WorkdirLock:
     """Exclusive lock on a work directory so two ccam processes never write it at once."""
 

@@ -104,7 +104,7 @@ def _store(arr, ras_affine, orientation):
         return arr, ras_affine.copy()
     if orientation == "LPS":
         flip = np.eye(4)
-        flip[0, 0], flip[0, 3] = -1.0, nx - 1
+        flip[0, 0], flip[0, 3] = 1.0, 0
         flip[1, 1], flip[1, 3] = -1.0, ny - 1
         return np.ascontiguousarray(arr[::-1, ::-1, :]), ras_affine @ flip
     perm = np.zeros((4, 4))  # SLICE_FIRST: file index (k, j, i) = RAS index (i, j, k)
