@@ -174,14 +174,31 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
             resume = json.loads(started.read_text()).get("key") == key and not force
         except (json.JSONDecodeError, OSError):
             resume = False
+    previous = None
     if folder.exists() and not resume:
-        shutil.rmtree(folder)
+        # keep the previous outputs aside until this run succeeds: a user error restores them
+        previous = workdir / f".previous-{st.folder}"
+        if previous.exists():
+            shutil.rmtree(previous)
+        folder.rename(previous)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RECORD).unlink(missing_ok=True)
     write_json(started, {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log.info("%s: %s", name, "resuming" if resume else "running")
     t0 = time.time()
-    outputs = st.run(ctx) or {}
+    try:
+        outputs = st.run(ctx) or {}
+    except UserError:
+        if previous is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            previous.rename(folder)
+        raise
+    finally:
+        if previous is not None and previous.exists() and folder.exists() and (folder / STARTED).exists():
+            # crashed or interrupted: the partial new state stays for resume, the old one goes
+            shutil.rmtree(previous, ignore_errors=True)
+    if previous is not None and previous.exists():
+        shutil.rmtree(previous, ignore_errors=True)
     record = {
         "stage": name,
         "key": key,
