@@ -95,3 +95,31 @@ def test_mask_round_trip_through_slice_grid(orientation):
     assert back.shape == mask.shape
     d = dice_per_class(back, mask, len(CLASSES))
     assert np.nanmin(d) >= 0.97, d
+
+
+def test_dicom_series_folder(tmp_path):
+    """A DICOM series folder reads as the same volume and RAS affine as the NIfTI it came from."""
+    img, _, aff = make_phantom_volume((48, 40, 8), modality="CT", seed=5, orientation="RAS")
+    vol = sitk.GetImageFromArray(img.transpose(2, 1, 0))  # (z, y, x) for SimpleITK
+    sp = [float(abs(aff[i, i])) for i in range(3)]
+    vol.SetSpacing(sp)
+    # RAS diagonal affine -> LPS direction diag(-1, -1, 1), origin negated in x and y
+    vol.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    vol.SetOrigin((-float(aff[0, 3]), -float(aff[1, 3]), float(aff[2, 3])))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1"
+    for z in range(vol.GetDepth()):
+        sl = vol[:, :, z]
+        pos = vol.TransformIndexToPhysicalPoint((0, 0, z))
+        for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".0",
+                           "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{p:.6f}" for p in pos),
+                           "0020|0037": "-1\\0\\0\\0\\-1\\0", "0028|0030": f"{sp[1]}\\{sp[0]}",
+                           "0018|0050": str(sp[2])}.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+    v = read_volume(tmp_path)
+    assert v.array.shape == img.shape
+    assert np.array_equal(v.array.astype(np.int32), img.astype(np.int32))
+    assert np.allclose(v.affine, aff, atol=1e-3)
