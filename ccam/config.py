@@ -40,73 +40,122 @@ class DataConfig(Section):
 
 
 class PCAMConfig(Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    output_stride: Literal[8, 16] = 16
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # MONAI ResNet; 18 trains in minutes on a CPU
+    output_stride: Literal[8, 16] = 16  # paper: 16 (last stage dilated); 8 doubles CAM resolution for small S at ~2.5x cost
+    width: float = Field(1.0, gt=0.0, le=4.0)  # channel multiplier (MONAI widen_factor); 1 = the standard ResNet, 0.5 ~ 1/4 FLOPs
     pretrained: Optional[str] = None  # local weights file; nothing is ever downloaded
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(16, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    flip: Literal["auto", "on", "off"] = "auto"  # auto: off when classes have a left/right pair
-    aug_scale: tuple[float, float] = (0.9, 1.1)
-    aug_rotate_deg: float = 10.0
-    aug_intensity: float = 0.1
+    epochs: int = Field(10, ge=1)  # 10 passes over all training slices: enough for organ tags on a few thousand slices
+    batch_size: int = Field(16, ge=2)  # >= 2 for batch norm; 16 fits a 256 x 256 ResNet-18 batch in 2 GB
+    optimizer: Literal["sgd", "adam"] = "sgd"  # paper: SGD; adam (lr 1e-3) converges faster from scratch on small cohorts
+    lr: float = Field(0.1, gt=0.0)  # paper's learning rate for the backbone (SGD)
+    head_lr_mult: float = Field(10.0, gt=0.0)  # paper: the freshly initialised 1x1 head learns 10x faster
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD momentum of the paper's IRN-style recipe
+    weight_decay: float = Field(1e-4, ge=0.0)  # standard ResNet weight decay
+    poly_power: float = Field(0.9, ge=0.0)  # poly decay lr * (1 - step/total)^0.9, as in the paper
+    flip: Literal["auto", "on", "off"] = "auto"  # auto: off when classes have a left/right pair (a flip swaps them)
+    aug_scale: tuple[float, float] = (0.9, 1.1)  # +-10 % zoom: patient size varies about that much at a fixed field of view
+    aug_rotate_deg: float = Field(10.0, ge=0.0, le=180.0)  # small: patients lie supine, big rotations break the anatomy prior
+    aug_intensity: float = Field(0.1, ge=0.0, le=1.0)  # +-10 % contrast/brightness/gamma: scanner and coil variation after normalisation
 
 
 class CAMConfig(Section):
-    method: Literal["cam", "gradcam", "gradcampp", "layercam"] = "cam"
-    scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    method: Literal["cam", "gradcam", "gradcampp", "layercam"] = "cam"  # cam: one forward pass for all classes (paper); others are baselines
+    scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])  # the multi-scale set of IRN/C-CAM inference
+    # Background score of argmax([tau, CAM_1..CAM_K]) on CAMs normalised to a peak of 1. 0.25 is a
+    # fixed prior, not fitted to any mask: multi-scale CAMs concentrate on the most discriminative
+    # part of an organ and fall off smoothly, so the organ's extent lies well below the half
+    # maximum; IRN/AffinityNet-style pipelines that the paper builds on keep background thresholds
+    # in 0.15-0.3 for max-normalised CAMs; and on the demo cohort the median CAM value over the
+    # pixels of tagged slices where the CAM is non-zero is ~0.2-0.3 (benchmarks/pcam_quality.py
+    # prints this no-ground-truth statistic), i.e. tau keeps the upper half of the activated area.
     tau: float = Field(0.25, gt=0.0, lt=1.0)
-    flip_tta: Literal["auto", "on", "off"] = "auto"
-    batch_size: int = Field(32, ge=1)
+    flip_tta: Literal["auto", "on", "off"] = "auto"  # auto: flip averaging only when no class has a left/right twin
+    batch_size: int = Field(32, ge=1)  # slices per forward pass; memory ~ batch x largest scale^2
 
 
 class AnatomyConfig(Section):
-    enabled: bool = True
+    enabled: bool = True  # the anatomy-causality chain (CAM_ac = M_s * CAM) is the paper's method; off = ablation rows without AC
     eps: float = Field(0.0, ge=0.0, lt=1.0)  # M_s = M_GC > eps (paper: 0)
 
 
 class CCAMConfig(Section):
-    enabled: bool = True
+    enabled: bool = True  # pseudo-masks from C-CAM's fused head (paper); off = P-CAM's CAMs (ablation rows without CC)
+    # auto = one-hot when K > 1: a label map read by a linear Phi makes class ids magnitudes
+    # (class 4 = 4 x class 1); one-hot gives each class its own weights; for K = 1 both are equal
     coarse_encoding: Literal["auto", "index", "onehot"] = "auto"
-    train_on: Literal["positives", "all"] = "positives"
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    train_on: Literal["positives", "all"] = "positives"  # paper: positive slices; "all" adds the untagged ones
+    epochs: int = Field(5, ge=1)  # fine-tuning from P-CAM: a few epochs move the new M_c weight, the rest is P-CAM
+    batch_size: int = Field(16, ge=2)  # >= 2: batch norm needs more than one slice per batch
+    lr: float = Field(1e-3, gt=0.0)  # paper: SGD lr 1e-3 (100x below P-CAM, the backbone is already trained)
+    head_lr_mult: float = Field(10.0, gt=0.0)  # new parts (M_c weight, Phi, Theta) learn 10x faster, as P-CAM's head
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # standard SGD momentum, as P-CAM
+    weight_decay: float = Field(1e-4, ge=0.0)  # as P-CAM
+    poly_power: float = Field(0.9, ge=0.0)  # poly decay per iteration, as P-CAM (DeepLab recipe)
+    augment: bool = True  # random scale/rotation of the image and of M_c together; never flips (left/right organs)
+    aug_scale: tuple[float, float] = (0.9, 1.1)  # mild, as P-CAM: every case is already shown in one canonical view
+    aug_rotate_deg: float = Field(10.0, ge=0.0)  # patient positioning varies by a few degrees
 
 
 class RefineConfig(Section):
-    enabled: bool = False
-    alpha_low: float = 4.0
-    alpha_high: float = 32.0
-    radius: int = 5
-    beta: float = 8.0
-    t: int = 8
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = 0.1
+    enabled: bool = False  # off until benchmarks/refine_dice.py shows it helps on the cohort at hand
+    # seeds (AffinityNet recipe): background score (1 - max_k CAM_k)^alpha
+    alpha_low: float = Field(4.0, gt=0.0)  # strong background: only confident foreground survives (recipe: 4)
+    alpha_high: float = Field(32.0, gt=0.0)  # weak background: only confident background survives (recipe: 32)
+    crf_iters: int = Field(10, ge=1)  # mean-field iterations of the dense CRF (recipe: 10)
+    # CRF kernel widths in pixels of a 512 x 512 slice, scaled with S: the recipe's 3 and 80 px
+    # were set on ~500 px photographs
+    crf_gaussian_sxy: float = Field(3.0, gt=0.0)
+    crf_bilateral_sxy: float = Field(80.0, gt=0.0)
+    crf_bilateral_srgb: float = Field(13.0, gt=0.0)  # intensity width on a 0..255 scale (recipe: 13)
+    # AffinityNet
+    # MONAI ResNet at output stride 8: its last stages run on a 4x larger grid than P-CAM's, so
+    # the default is the shallowest (resnet10) at half width, which trains in minutes on a CPU
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
+    width: float = Field(0.5, gt=0.0, le=2.0)  # MONAI widen_factor of the trunk's channels
+    radius: int = Field(5, ge=2, le=12)  # pairs within this radius on the stride-8 grid (recipe: 5)
+    epochs: int = Field(3, ge=1)  # affinities of a few organs are learned quickly; the loss flattens by epoch 3
+    batch_size: int = Field(8, ge=2)  # >= 2: the trunk has batch norm
+    lr: float = Field(0.1, gt=0.0)  # recipe: SGD 0.1 with poly decay
+    head_lr_mult: float = Field(10.0, gt=0.0)  # the new 1x1 layers learn 10x faster (recipe)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # standard SGD momentum
+    weight_decay: float = Field(5e-4, ge=0.0)  # recipe: 5e-4
+    poly_power: float = Field(0.9, ge=0.0)  # poly decay per iteration (recipe)
+    # random walk T = D^-1 A^beta, 2^t steps
+    beta: float = Field(8.0, gt=0.0)  # A^beta sharpens affinities so weak links stop carrying score (recipe: 8)
+    t: int = Field(8, ge=0, le=12)  # 2^t = 256 steps (recipe); each step is cheap on the stride-8 grid
+    # background channel of the walk: "tau" = the constant cam.tau the unrefined pseudo-masks use
+    # (so refinement is the walk alone); "power" = (1 - max_k CAM_k)^bg_alpha, the recipe's
+    background: Literal["tau", "power"] = "tau"
+    bg_alpha: float = Field(16.0, gt=0.0)  # only for background="power"
 
 
 class SegConfig(Section):
-    network: Literal["unet", "basicunet"] = "unet"
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = 5e-4
+    network: Literal["unet", "basicunet"] = "unet"  # MONAI UNet (residual units); basicunet = MONAI BasicUNet
+    # feature maps per level; five levels reach S/16, a receptive field that covers a 256 slice
+    # (basicunet takes exactly six: five encoder levels and the last decoder level)
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256], min_length=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # pseudo-masks are noisy labels already; no extra dropout
+    epochs: int = Field(20, ge=1)  # enough for the U-Net to converge on a few thousand slices
+    batch_size: int = Field(16, ge=2)  # >= 2: batch norm needs more than one slice per batch
+    lr: float = Field(5e-4, gt=0.0)  # Adam, as in the paper
+    weight_decay: float = Field(0.0, ge=0.0)  # the paper uses plain Adam
+    slices_per_epoch: int = Field(0, ge=0)  # 0 = every training slice each epoch; else a random subset (big cohorts)
+    augment: bool = True  # random scale/rotation (slice and mask together) and intensity; never flips (left/right organs)
+    aug_scale: tuple[float, float] = (0.9, 1.1)  # mild: every case is already shown in one canonical view
+    aug_rotate_deg: float = Field(10.0, ge=0.0)  # patient positioning varies by a few degrees
+    # intensity scale/shift (+-aug_intensity) and gamma: scanners and sequences differ in contrast
+    aug_intensity: float = Field(0.1, ge=0.0, lt=0.3)
 
 
 class PredictConfig(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # slices per forward pass: bounds memory, not the result
 
 
 class EvaluateConfig(Section):
+    # background scores tau for the oracle sweep on the CAM stacks (ground truth picks the best one,
+    # so that row is reported as "oracle" and never fed back into the pipeline)
     tau_sweep: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    surface_distances: bool = True  # HD95 and ASSD; switch off to evaluate big cohorts faster (Dice only)
 
 
 class Config(Section):

@@ -1,0 +1,268 @@
+"""`ccam ablation`: the paper's Table 1 on the user's own cohort (benchmark / report use only).
+
+Rows P-CAM, +AC, +CC, +AC+CC come from the same trained models: P-CAM's CAMs (stage `sample`)
+or C-CAM's (stage `train-ccam`), with or without the anatomy-causality chain (M_s). Each row's
+pseudo-masks (argmax([tau, CAM]) upsampled to the source grid, exactly as stage `pseudo-masks`
+writes them) are compared with the ground-truth masks of every case that has one:
+
+- per-class and mean Dice (`ccam.metrics.dice_per_class`, per case, then averaged over cases)
+  at the configured ``cam.tau``;
+- the same at the **oracle** tau: the value of ``evaluate.tau_sweep`` with the best mean Dice
+  against ground truth. Choosing tau on ground truth is leakage, so it is labelled oracle and
+  never fed back into the pipeline;
+- the left/right swap rate for each left/right class pair (share of ground-truth left-organ
+  voxels labelled as the right organ, and the reverse), pooled over cases.
+
+Ground truth is read here and nowhere in training. Writes ``ablation/ablation.{md,json}``, copies
+them to ``reports/``, and prints the table.
+
+A further row (e.g. +Aff from the refinement stage) is a new entry in ``ROWS`` plus, when it
+reads a new kind of CAMs or labels, a new source in ``_sources``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ccam.anatomy import apply_positional_indicator
+from ccam.data.cohort import LEFT_RIGHT_PREFIXES, Cohort, PreparedCase
+from ccam.errors import UserError
+from ccam.io.atomic import write_json, write_text
+from ccam.io.geometry import resize_slices
+from ccam.io.volume import read_volume
+from ccam.metrics import dice_per_class
+from ccam.runner import Stage, StageContext, register
+from ccam.stages.pseudo_masks import cam_sources
+from ccam.stages.train_ccam import extra_inputs as ccam_settings, read_positional_indicator
+
+log = logging.getLogger("ccam")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: CAMs (or labels) from ``source``, with or without the anatomy chain."""
+
+    name: str
+    source: str  # key of _sources(): "pcam", "ccam" (a refinement stage adds e.g. "refined")
+    anatomy: bool
+
+
+ROWS = [
+    Row("P-CAM", "pcam", False),
+    Row("+AC", "pcam", True),
+    Row("+CC", "ccam", False),
+    Row("+AC+CC", "ccam", True),
+    # Row("+Aff", "refined", True),  # with a "refined" source reading refined_masks/ (refinement stage)
+]
+
+
+def _sources(ctx: StageContext, cohort: Cohort, needed: set[str]) -> dict[str, Callable[[PreparedCase], torch.Tensor]]:
+    """Source name -> case -> CAMs (N, K, S, S) float in [0, 1], or labels (N, S, S) int64 (tau-free rows)."""
+    return cam_sources(ctx, cohort, tuple(sorted(needed & {"pcam", "ccam"})))
+
+
+def left_right_pairs(classes: list[str]) -> list[tuple[int, int]]:
+    """(left label, right label) for every left/right twin among ``classes`` (labels are index + 1)."""
+    names = [c.lower() for c in classes]
+    pairs = []
+    for i, n in enumerate(names):
+        for left, right in LEFT_RIGHT_PREFIXES:
+            if n.startswith(left) and (right + n[len(left):]) in names:
+                pairs.append((i + 1, names.index(right + n[len(left):]) + 1))
+                break
+        else:
+            for left, right in (("_left", "_right"), ("_l", "_r")):
+                if n.endswith(left) and (n[: -len(left)] + right) in names:
+                    pairs.append((i + 1, names.index(n[: -len(left)] + right) + 1))
+                    break
+    return pairs
+
+
+class _RowMaps:
+    """One row's maps of one case upsampled to the source in-plane size, in the canonical view (N, R, C).
+
+    The pseudo-mask at background score tau is argmax([tau, CAM]) = (max CAM > tau) ? argmax CAM + 1 : 0,
+    so the upsampled max and argmax are enough for the whole tau sweep.
+    """
+
+    def __init__(self, maps: torch.Tensor, plane: tuple[int, int], chunk: int = 8):
+        n = maps.shape[0]
+        self.labels: Optional[np.ndarray] = None
+        if not maps.is_floating_point():  # a label row (e.g. refined masks): the same at every tau
+            onehot = torch.nn.functional.one_hot(maps.long(), int(maps.max()) + 1 if maps.numel() else 1).permute(0, 3, 1, 2)
+            self.labels = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).argmax(1).numpy()
+                                          for a in range(0, n, chunk)]).astype(np.int64)
+            return
+        self.peak = np.empty((n,) + plane, dtype=np.float32)
+        self.arg = np.empty((n,) + plane, dtype=np.int64)
+        for a in range(0, n, chunk):
+            up = resize_slices(maps[a:a + chunk].float(), plane)  # bilinear, as `pseudo-masks` upsamples its scores
+            peak, arg = up.max(1)
+            self.peak[a:a + chunk], self.arg[a:a + chunk] = peak.numpy(), arg.numpy() + 1
+
+    def at(self, tau: float) -> np.ndarray:
+        """Label map (N, R, C) in 0..K at background score tau."""
+        if self.labels is not None:
+            return self.labels
+        return np.where(self.peak > tau, self.arg, 0)
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
+    """(C, C) voxel counts, rows = ground truth label, columns = predicted label."""
+    return np.bincount((gt * c + pred).ravel(), minlength=c * c).reshape(c, c)
+
+
+def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """(K,) Dice per foreground class of one case; NaN where the class is in neither (as ccam.metrics)."""
+    inter = np.diag(cm)[1:].astype(np.float64)
+    size = cm.sum(0)[1:] + cm.sum(1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(size > 0, 2 * inter / size, np.nan)
+
+
+def _ground_truth(case: PreparedCase, num_classes: int) -> np.ndarray:
+    """Ground-truth labels of one case in the canonical view (N, R, C) int64 (evaluation only)."""
+    vol = read_volume(case.mask_path, case=case.id)
+    if tuple(vol.array.shape) != tuple(case.geometry.shape):
+        raise UserError(f"mask grid {vol.array.shape} differs from the image grid {case.geometry.shape}", case=case.id,
+                        path=case.mask_path, fix="export the mask on the image's grid")
+    gt = np.ascontiguousarray(case.geometry.canonical_view(vol.array)).astype(np.int64)
+    if gt.min() < 0 or gt.max() > num_classes:
+        raise UserError(f"mask has labels outside 0..{num_classes}", case=case.id, path=case.mask_path,
+                        fix="labels must be 0 = background and k = classes[k-1]")
+    return gt
+
+
+def _nanmean(a: np.ndarray, axis=None):
+    with np.errstate(invalid="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(a, axis=axis)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    cohort = Cohort(ctx.workdir)
+    k, c = cohort.num_classes, cohort.num_classes + 1
+    cases = [case for case in cohort.cases if case.mask_path]
+    if not cases:
+        raise UserError("no case has a ground-truth mask; the ablation table compares pseudo-masks with ground truth",
+                        path=str(ctx.workdir), fix="add 'mask' to some manifest cases (evaluation only)")
+    tau = float(cfg.cam.tau)
+    taus = sorted(set(float(t) for t in cfg.evaluate.tau_sweep) | {tau})
+    rows = ROWS
+    sources = _sources(ctx, cohort, {r.source for r in rows})
+    m_s = read_positional_indicator(ctx.stage_dir("sample"), cohort) if any(r.anatomy for r in rows) else None
+    pairs = left_right_pairs(cohort.classes)
+
+    conf = np.zeros((len(rows), len(taus), len(cases), c, c), dtype=np.int64)  # every row, tau and case
+    dice_cfg = np.full((len(rows), len(cases), k), np.nan)  # ccam.metrics at the configured tau
+    for ci, case in enumerate(tqdm(cases, desc="ablation", unit="case", dynamic_ncols=True)):
+        gt = _ground_truth(case, k)
+        plane = case.geometry.plane_shape
+        cache: dict[str, torch.Tensor] = {}
+        for ri, row in enumerate(rows):
+            if row.source not in cache:
+                cache[row.source] = sources[row.source](case)
+            maps = cache[row.source]
+            if row.anatomy and maps.is_floating_point():
+                maps = apply_positional_indicator(maps, m_s)
+            rm = _RowMaps(maps, plane)
+            for ti, t in enumerate(taus):
+                conf[ri, ti, ci] = confusion(rm.at(t), gt, c)
+            dice_cfg[ri, ci] = dice_per_class(rm.at(tau), gt, k)
+
+    report_rows = []
+    for ri, row in enumerate(rows):
+        per_case = np.stack([[dice_from_confusion(conf[ri, ti, ci]) for ci in range(len(cases))] for ti in range(len(taus))])
+        sweep = [float(_nanmean(_nanmean(per_case[ti], axis=0))) for ti in range(len(taus))]  # (T,) mean Dice
+        sweep_only = [i for i, t in enumerate(taus) if t in set(float(x) for x in cfg.evaluate.tau_sweep)]
+        best = max(sweep_only, key=lambda i: (np.nan_to_num(sweep[i], nan=-1.0), -i))
+        ti_cfg = taus.index(tau)
+        report_rows.append({
+            "row": row.name, "cams": row.source, "anatomy": row.anatomy,
+            "configured": _summary(cohort, tau, _nanmean(dice_cfg[ri], axis=0), conf[ri, ti_cfg].sum(0), pairs),
+            "oracle": _summary(cohort, taus[best], _nanmean(per_case[best], axis=0), conf[ri, best].sum(0), pairs),
+            "sweep": {f"{t:g}": round(v, 4) for t, v in zip(taus, sweep)},
+        })
+    report = {
+        "cohort": cohort.meta.get("name"), "classes": cohort.classes, "cases": [case.id for case in cases],
+        "splits": sorted({case.split for case in cases}), "tau": tau, "tau_sweep": [float(t) for t in cfg.evaluate.tau_sweep],
+        "left_right_pairs": [[cohort.classes[a - 1], cohort.classes[b - 1]] for a, b in pairs],
+        "rows": report_rows,
+    }
+    text = render_markdown(report)
+    for folder in (ctx.dir, ctx.workdir / "reports"):
+        write_json(folder / "ablation.json", report)
+        write_text(folder / "ablation.md", text)
+    click.echo(text)
+    return {"mean_dice": {r["row"]: r["configured"]["mean_dice"] for r in report_rows},
+            "oracle_mean_dice": {r["row"]: r["oracle"]["mean_dice"] for r in report_rows},
+            "cases": len(cases), "report": "reports/ablation.md"}
+
+
+def _summary(cohort: Cohort, tau: float, dice: np.ndarray, cm: np.ndarray, pairs: list[tuple[int, int]]) -> dict:
+    """Dice per class (K,) and pooled confusion (C, C) -> the JSON block of one row at one tau."""
+    swap = {}
+    for left, right in pairs:
+        for a, b in ((left, right), (right, left)):
+            total = cm[a].sum()
+            swap[f"{cohort.classes[a - 1]}->{cohort.classes[b - 1]}"] = round(float(cm[a, b] / total), 5) if total else None
+    return {"tau": tau, "dice": {name: _r(d) for name, d in zip(cohort.classes, dice)},
+            "mean_dice": _r(_nanmean(dice)), "swap": swap}
+
+
+def _r(v) -> Optional[float]:
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def render_markdown(report: dict) -> str:
+    """The two tables (configured tau, oracle tau) as Markdown; Dice and swap rates in %."""
+    classes = report["classes"]
+    swaps = list(report["rows"][0]["configured"]["swap"]) if report["rows"] else []
+    base = report["rows"][0]["configured"]["mean_dice"] if report["rows"] else None
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def table(key: str) -> list[str]:
+        head = ["row", "tau"] + classes + ["mean", "vs P-CAM"] + [f"swap {s}" for s in swaps]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        ref = report["rows"][0][key]["mean_dice"] if report["rows"] else None
+        for r in report["rows"]:
+            b = r[key]
+            delta = "-" if b["mean_dice"] is None or ref is None else f"{100 * (b['mean_dice'] - ref):+.2f}"
+            cells = [r["row"], f"{b['tau']:g}"] + [pct(b["dice"][n]) for n in classes] + [pct(b["mean_dice"]), delta]
+            cells += [pct(b["swap"][s]) for s in swaps]
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    out = [f"# Ablation: pseudo-mask Dice (%) on {report.get('cohort') or 'the cohort'}", "",
+           f"{len(report['cases'])} case(s) with ground truth (splits: {', '.join(report['splits'])}); "
+           "Dice per case on the source grid, averaged over cases."
+           + (" Swap = share of ground-truth voxels of the first organ labelled as the second." if swaps else ""), "",
+           f"## At the configured tau ({report['tau']:g})", ""]
+    out += table("configured")
+    out += ["", "## At the oracle tau (oracle: chosen per row on ground truth from evaluate.tau_sweep; leakage, for reference only)", ""]
+    out += table("oracle")
+    if base is None:
+        out += ["", "P-CAM has no finite mean Dice: no class was found in any case."]
+    return "\n".join(out) + "\n"
+
+
+STAGE = register(Stage(
+    name="ablation", folder="ablation", sections=("runtime", "pcam", "cam", "evaluate"),
+    needs=("prepare", "sample", "train-ccam"), run=run, extra_inputs=ccam_settings,  # every row, whatever the switches
+    help="The paper's ablation table (P-CAM, +AC, +CC, +AC+CC) against ground truth: Dice at tau and oracle tau, L/R swaps.",
+    examples="ccam ablation --workdir runs/demo\n"
+             "ccam run --pipeline pipelines/ablation.yaml --manifest demo_data/manifest.json --workdir runs/abl",
+))

@@ -1,0 +1,345 @@
+"""`ccam evaluate`: every stage's masks against the ground truth the manifest names (evaluation only).
+
+For each mask folder a finished stage left (coarse: ``sample/coarse_masks``, pseudo:
+``pseudo_masks``, refined: ``refined_masks`` when refinement is enabled, predicted:
+``predictions``) and every case with a ground-truth mask: Dice, HD95 and ASSD per class in
+millimetres (`ccam.metrics`, MONAI, with the voxel spacing), then mean and standard deviation
+over cases per split. Stages that did not run are left out, not counted as zero.
+
+Also an **oracle** sweep of the background score tau on the CAM stacks (``sample/cams`` and
+``pseudo_masks/cams``): labels = argmax over [tau, CAM_1..CAM_K] on the source grid, for every tau
+of ``evaluate.tau_sweep``. The best tau is chosen by looking at ground truth, so it is reported
+as "oracle" and never used by the pipeline.
+
+Writes ``W/reports/evaluation.json`` and ``W/reports/evaluation.md`` (the folder is shared with
+other reports, so only these two files are touched) and prints the markdown to stdout; the stage
+record lives in ``W/evaluation/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ccam.data.cohort import Cohort, PreparedCase
+from ccam.errors import UserError
+from ccam.io.atomic import write_json, write_text
+from ccam.io.geometry import resize_slices
+from ccam.io.volume import read_volume
+from ccam.metrics import dice_per_class, surface_distances
+from ccam.runner import RECORD, Stage, StageContext, register
+
+log = logging.getLogger("ccam")
+
+# (name in the report, folder holding the stage record, folder holding <case_id>.nii.gz), pipeline order
+MASK_SOURCES = (
+    ("coarse", "sample", "sample/coarse_masks"),
+    ("pseudo", "pseudo_masks", "pseudo_masks"),
+    ("refined", "refined_masks", "refined_masks"),
+    ("predicted", "predictions", "predictions"),
+)
+# (name, folder holding the stage record, folder holding <case_id>.npy CAM stacks (N, K, S, S))
+CAM_SOURCES = (
+    ("coarse", "sample", "sample/cams"),
+    ("pseudo", "pseudo_masks", "pseudo_masks/cams"),
+)
+METRICS = ("dice", "hd95_mm", "assd_mm")
+ORACLE_NOTE = "oracle: tau picked by Dice against ground truth; reported for comparison, never used by the pipeline"
+
+
+def _finished(workdir: Path, record_folder: str) -> Optional[dict]:
+    """The stage record if the stage finished (and, for refine, is enabled); else None."""
+    p = workdir / record_folder / RECORD
+    if not p.exists():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    if (rec.get("outputs") or {}).get("enabled", True) is False:
+        return None
+    return rec
+
+
+def extra_inputs(ctx: StageContext) -> dict:
+    """The records of the stages whose masks are evaluated, and the ground-truth files' size and mtime."""
+    out: dict = {}
+    for _, rec_folder, _ in MASK_SOURCES + CAM_SOURCES:
+        p = ctx.workdir / rec_folder / RECORD
+        out[f"record:{rec_folder}"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    gts = []
+    cases = ctx.workdir / "prepare" / "cases.json"
+    if cases.exists():
+        for c in json.loads(cases.read_text()).get("cases", []):
+            m = c.get("mask")
+            st = os.stat(m) if m and os.path.exists(m) else None
+            gts.append([c["id"], m, st.st_size if st else None, st.st_mtime_ns if st else None])
+    out["ground_truth"] = gts
+    return out
+
+
+# -- per case -----------------------------------------------------------------------------------
+
+def _bbox(mask: np.ndarray, margin: int = 1) -> tuple:
+    idx = np.nonzero(mask)
+    return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + 1 + margin) for i in idx)
+
+
+def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing, surfaces: bool = True) -> dict:
+    """Per class (K,) Dice, HD95 and ASSD (mm) of a label map against ground truth on the same grid.
+
+    Each class is measured on the bounding box of prediction and truth (one voxel of margin),
+    which gives the same numbers as the whole volume and keeps big volumes fast.
+    """
+    res = {m: np.full(num_classes, np.nan) for m in METRICS}
+    for k in range(1, num_classes + 1):
+        p, g = pred == k, gt == k
+        union = p | g
+        if not union.any():
+            continue  # absent from both: NaN, left out of the means
+        sl = _bbox(union)
+        pk, gk = p[sl].astype(np.uint8), g[sl].astype(np.uint8)
+        res["dice"][k - 1] = dice_per_class(pk, gk, 1)[0]
+        if surfaces:
+            hd, asd = surface_distances(pk, gk, 1, spacing)
+            res["hd95_mm"][k - 1], res["assd_mm"][k - 1] = hd[0], asd[0]
+    return res
+
+
+def tau_sweep_case(cams: np.ndarray, gt: np.ndarray, case: PreparedCase, taus: list[float], chunk: int = 16) -> np.ndarray:
+    """Dice (T, K) of argmax over [tau, CAMs] against ground truth, on the source grid, for every tau.
+
+    ``cams`` (N, K, S, S) are upsampled bilinearly to the source in-plane size (as
+    `ccam.io.geometry.scores_to_source` does) and compared with the ground truth in the same
+    canonical slice order, a chunk of slices at a time. argmax([tau, CAMs]) is class k+1 exactly
+    where the largest CAM exceeds tau (ties go to background, as in the argmax).
+    """
+    geom = case.geometry
+    K, T = cams.shape[1], len(taus)
+    inter, psum, gsum = np.zeros((T, K)), np.zeros((T, K)), np.zeros(K)
+    gview = geom.canonical_view(gt)
+    tau_t = torch.tensor(taus, dtype=torch.float32)[:, None, None, None]  # (T, 1, 1, 1)
+    for a in range(0, geom.n_slices, chunk):
+        up = resize_slices(torch.as_tensor(np.asarray(cams[a:a + chunk], dtype=np.float32)), geom.plane_shape)
+        peak, cls = up.max(1)  # (b, R, C)
+        g = torch.as_tensor(np.ascontiguousarray(gview[a:a + chunk]).astype(np.int64))
+        fg = peak[None] > tau_t  # (T, b, R, C)
+        for k in range(K):
+            pk = fg & (cls == k)[None]
+            gk = g == k + 1
+            inter[:, k] += (pk & gk[None]).sum(dim=(1, 2, 3)).numpy()
+            psum[:, k] += pk.sum(dim=(1, 2, 3)).numpy()
+            gsum[k] += gk.sum().item()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(psum + gsum[None] > 0, 2 * inter / (psum + gsum[None]), np.nan)
+
+
+# -- summaries and report -----------------------------------------------------------------------
+
+def _clean(v):
+    """NaN -> None for JSON (strict parsers reject NaN)."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(float(v)) else round(float(v), 6)
+    return v
+
+
+def _mean_std(values: list[float]) -> dict:
+    arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
+
+
+def summarise(per_case: dict, classes: list[str]) -> dict:
+    """per split: {metric: {class or 'mean': {mean, std, n}}}; 'mean' averages each case's classes first."""
+    out: dict = {}
+    for split in ("train", "val", "test"):
+        rows = {cid: r for cid, r in per_case.items() if r["split"] == split}
+        if not rows:
+            continue
+        s: dict = {"n_cases": len(rows)}
+        for m in METRICS:
+            s[m] = {c: _mean_std([r[m][c] for r in rows.values()]) for c in classes}
+            case_means = []
+            for r in rows.values():
+                vals = [r[m][c] for c in classes if r[m][c] is not None and not math.isnan(r[m][c])]
+                case_means.append(float(np.mean(vals)) if vals else float("nan"))
+            s[m]["mean"] = _mean_std(case_means)
+        out[split] = s
+    return out
+
+
+def _fmt(ms: dict, scale: float = 1.0, digits: int = 1) -> str:
+    if ms["n"] == 0 or math.isnan(ms["mean"]):
+        return "-"
+    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    classes = report["classes"]
+    lines = [f"# Evaluation: {report['cohort']}", "",
+             "Against the manifest's ground-truth masks (evaluation only). Mean ± std over cases; "
+             "classes absent from both masks of a case are left out; stages not run are not listed.", ""]
+    titles = {"dice": "Dice (%)", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)"}
+    for m in METRICS:
+        if m != "dice" and not report["surface_distances"]:
+            continue
+        lines += [f"## {titles[m]}", "", "| masks | split | cases | " + " | ".join(classes) + " | mean |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in classes) + " | ---: |"]
+        for name, st in report["stages"].items():
+            for split, s in st["summary"].items():
+                scale = 100.0 if m == "dice" else 1.0
+                cells = [_fmt(s[m][c], scale) for c in classes] + [_fmt(s[m]["mean"], scale)]
+                lines.append(f"| {name} | {split} | {s['n_cases']} | " + " | ".join(cells) + " |")
+        if not report["stages"]:
+            lines.append("| (no stage has produced masks yet) | | | " + " | ".join("" for _ in classes) + " | |")
+        lines.append("")
+    if report["tau_sweep"]:
+        lines += ["## Oracle tau sweep (Dice %, tau chosen on ground truth: NOT usable as a result)", "",
+                  "| CAMs | cases | oracle tau | " + " | ".join(classes) + " | mean |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | ---: |"]
+        for name, sw in report["tau_sweep"].items():
+            o = sw["oracle"]
+            cells = ["-" if o["dice"][c] is None else f"{100 * o['dice'][c]:.1f}" for c in classes]
+            mean = "-" if o["mean_dice"] is None else f"{100 * o['mean_dice']:.1f}"
+            lines.append(f"| {name} ({sw['cams']}) | {sw['n_cases']} | {o['tau']} (oracle) | " + " | ".join(cells) + f" | {mean} |")
+        lines += ["", ORACLE_NOTE, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- stage ----------------------------------------------------------------------------------------
+
+def evaluate(ctx: StageContext) -> dict:
+    cfg = ctx.cfg.evaluate
+    cohort = Cohort(ctx.workdir)
+    K, classes = cohort.num_classes, cohort.classes
+    with_gt = [c for c in cohort.cases if c.mask_path]
+    if not with_gt:
+        log.warning("evaluate: no case of the manifest has a ground-truth mask; nothing to evaluate")
+    sources = [(n, Path(f)) for n, rf, f in MASK_SOURCES if _finished(ctx.workdir, rf) is not None]
+    cam_sources = [(n, Path(f)) for n, rf, f in CAM_SOURCES if _finished(ctx.workdir, rf) is not None]
+    per_stage: dict = {n: {} for n, _ in sources}
+    sweeps: dict = {n: {"cases": [], "dice": []} for n, _ in cam_sources}
+    taus = [float(t) for t in cfg.tau_sweep]
+    for case in tqdm(with_gt, desc="evaluate", unit="case", dynamic_ncols=True):
+        files = [(n, ctx.workdir / f / f"{case.id}.nii.gz") for n, f in sources]
+        files = [(n, p) for n, p in files if p.exists()]
+        cams = [(n, ctx.workdir / f / f"{case.id}.npy") for n, f in cam_sources]
+        cams = [(n, p) for n, p in cams if p.exists() and case.split == "train"]  # tau is a training-set choice
+        if not files and not cams:
+            continue
+        gt_vol = read_volume(case.mask_path, case=case.id)
+        gt = np.asarray(gt_vol.array).astype(np.int64)
+        if tuple(gt.shape) != tuple(case.geometry.shape):
+            raise UserError(f"ground-truth mask has shape {gt.shape}, the image {case.geometry.shape}", case=case.id,
+                            path=case.mask_path, fix="fix the mask in the manifest")
+        for name, path in files:
+            pred = read_volume(path, case=case.id)
+            if tuple(pred.array.shape) != tuple(gt.shape) or not np.allclose(pred.affine, gt_vol.affine, atol=1e-3):
+                raise UserError(f"{name} mask is not on the case's source grid (shape {pred.array.shape} vs {gt.shape})",
+                                case=case.id, path=str(path), fix="re-run the stage that wrote it")
+            r = case_metrics(np.asarray(pred.array).astype(np.int64), gt, K, gt_vol.spacing, cfg.surface_distances)
+            per_stage[name][case.id] = {"split": case.split, **{m: dict(zip(classes, r[m].tolist())) for m in METRICS}}
+        for name, path in cams:
+            stack = np.load(path, mmap_mode="r")
+            if stack.ndim != 4 or stack.shape[0] != case.n_slices or stack.shape[1] != K:
+                raise UserError(f"CAM stack has shape {stack.shape}, expected ({case.n_slices}, {K}, S, S)", case=case.id,
+                                path=str(path), fix="re-run the stage that wrote it")
+            sweeps[name]["cases"].append(case.id)
+            sweeps[name]["dice"].append(tau_sweep_case(stack, gt, case, taus))
+
+    stages = {}
+    for name, folder in sources:
+        if per_stage[name]:
+            stages[name] = {"folder": str(folder), "cases": per_stage[name], "summary": summarise(per_stage[name], classes)}
+    tau_report = {}
+    for name, folder in cam_sources:
+        sw = sweeps[name]
+        if not sw["cases"]:
+            continue
+        d = np.stack(sw["dice"])  # (cases, T, K)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (class never present) stay NaN
+            per_tau_class = np.nanmean(d, axis=0)  # (T, K) mean over cases
+            per_tau = np.nanmean(per_tau_class, axis=1)  # (T,) mean over classes
+        best = int(np.nanargmax(per_tau)) if np.isfinite(per_tau).any() else 0
+        tau_report[name] = {
+            "cams": str(folder), "split": "train", "n_cases": len(sw["cases"]), "taus": taus,
+            "mean_dice": per_tau.tolist(), "dice": [dict(zip(classes, row)) for row in per_tau_class.tolist()],
+            "oracle": {"tau": taus[best], "mean_dice": float(per_tau[best]), "dice": dict(zip(classes, per_tau_class[best].tolist()))},
+            "note": ORACLE_NOTE,
+        }
+    report = _clean({"cohort": cohort.meta.get("name", ""), "classes": classes, "surface_distances": cfg.surface_distances,
+                     "units": {"dice": "fraction (0..1)", "hd95_mm": "mm", "assd_mm": "mm"},
+                     "stages": stages, "tau_sweep": tau_report})
+    return report
+
+
+def report_paths(workdir: Path) -> tuple[Path, Path]:
+    return Path(workdir) / "reports" / "evaluation.json", Path(workdir) / "reports" / "evaluation.md"
+
+
+def run(ctx: StageContext) -> dict:
+    report = evaluate(ctx)
+    js, md = report_paths(ctx.workdir)
+    write_json(js, report)
+    text = markdown(report)
+    write_text(md, text)
+    click.echo(text)
+    log.info("evaluate: wrote %s and %s", js, md)
+    summary = {name: {split: s["dice"]["mean"]["mean"] for split, s in st["summary"].items()} for name, st in report["stages"].items()}
+    return {"report": str(js), "markdown": str(md), "mean_dice": _clean(summary),
+            "oracle_tau": {n: sw["oracle"]["tau"] for n, sw in report["tau_sweep"].items()}}
+
+
+STAGE = register(Stage(
+    name="evaluate", folder="evaluation", sections=("evaluate",), needs=("prepare",), run=run, extra_inputs=extra_inputs,
+    help="Dice, HD95 and ASSD of every stage's masks against the manifest's ground truth (reports/evaluation.*).",
+    examples="ccam evaluate --workdir runs/demo\n"
+             "ccam evaluate --workdir runs/big --set evaluate.surface_distances=false",
+))
+
+
+@click.command("evaluate", short_help=STAGE.help.split(" (")[0])
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
+@click.option("--force", is_flag=True, help="Run even if the stage is up to date.")
+def evaluate_cmd(workdir, config_file, sets, force) -> None:
+    """Evaluate every stage's masks against ground truth; writes W/reports/evaluation.{json,md}
+    and prints the table (also when the evaluation is up to date).
+
+    \b
+    Examples:
+      ccam evaluate --workdir runs/demo
+      ccam evaluate --workdir runs/big --set evaluate.surface_distances=false
+    """
+    from ccam.cli import load_settings
+    from ccam.runner import WorkdirLock, read_record, run_stage
+
+    wd = Path(workdir)
+    with WorkdirLock(wd):
+        cfg = load_settings(workdir, config_file, sets)
+        before = read_record(wd, STAGE)
+        after = run_stage(wd, cfg, "evaluate", {}, force=force)
+    md = report_paths(wd)[1]
+    if before is not None and before.get("finished") == after.get("finished") and md.exists():
+        click.echo(md.read_text())  # skipped: show the current report anyway
+
+
+COMMANDS = [evaluate_cmd]

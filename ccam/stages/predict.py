@@ -1,0 +1,339 @@
+"""`ccam predict`: segment volumes with the trained U-Net and write label maps on their source grids.
+
+Two uses of one command:
+
+- ``ccam predict --workdir W`` is the pipeline stage: the prepared cohort's test cases, read from
+  their prepared slices, into ``W/predictions/<case_id>.nii.gz``.
+- ``ccam predict --workdir W --input PATH --output DIR`` segments new volumes: PATH is a
+  NIfTI/MHA/NRRD file, a folder of them, a DICOM series folder (or a folder of series folders),
+  or a manifest. Each volume gets the normalisation of `prepare` (`ccam.stages.prepare.normaliser`)
+  and the same canonical slicing (`ccam.io.geometry`); ``--continue`` skips cases already
+  written, ``--part i/n`` takes every n-th case from the i-th (0-based; the nnU-Net convention),
+  so n jobs can share a cohort without talking to each other.
+
+Slices go through the network ``predict.batch_size`` at a time; softmax probabilities are
+upsampled bilinearly to the source in-plane size before the argmax, and the label map is written
+with the source affine in both qform and sform. ``--probabilities`` adds ``DIR/<case_id>.npz``
+with ``probabilities`` (C, I, J, K) float16 in the file's voxel order (NIfTI-1 has no float16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ccam.data.cohort import Cohort
+from ccam.errors import UserError
+from ccam.io.atomic import atomic_path
+from ccam.io.geometry import SliceGeometry, resize_slices
+from ccam.io.volume import NIFTI_SUFFIXES, SITK_SUFFIXES, read_volume, write_label_map
+from ccam.models.segmenter import Segmenter
+from ccam.runner import RECORD, Stage, StageContext, register
+from ccam.stages.prepare import normaliser
+from ccam.training import best_or_final, load_model_weights, select_device
+
+log = logging.getLogger("ccam")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+
+# -- the trained model --------------------------------------------------------------------------
+
+def load_segmenter(workdir: Path, device: torch.device) -> tuple[Segmenter, dict]:
+    """The trained segmenter of ``W/seg`` (best checkpoint) and its ``model.json``."""
+    folder = Path(workdir) / "seg"
+    if not (folder / RECORD).exists() or not (folder / "model.json").exists():
+        raise UserError("no trained segmenter in the work directory", path=str(folder),
+                        fix=f"run `ccam train-seg --workdir {workdir}` (or `ccam run`) first")
+    meta = json.loads((folder / "model.json").read_text())
+    model = Segmenter.from_spec(meta["spec"])
+    ck = best_or_final(folder)
+    try:
+        load_model_weights(model, ck)
+    except Exception as e:  # damaged or foreign file
+        raise UserError(f"cannot load the segmenter checkpoint ({type(e).__name__})", path=str(ck),
+                        fix="re-run `ccam train-seg --force`")
+    model.to(device).eval()
+    return model, meta
+
+
+# -- segmenting one volume ----------------------------------------------------------------------
+
+@torch.inference_mode()
+def segment(model: Segmenter, blocks: Iterator[np.ndarray], geom: SliceGeometry, device: torch.device,
+            probabilities: bool = False, progress: Optional[tqdm] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Label map (I, J, K) uint8 on the source grid, and optionally probabilities (C, I, J, K) float16.
+
+    ``blocks`` yields consecutive (b, S, S) float32 blocks of the normalised canonical stack.
+    """
+    n, plane = geom.n_slices, geom.plane_shape
+    labels = np.empty((n,) + plane, dtype=np.uint8)  # canonical (N, R, C) at source resolution
+    probs = np.empty((n, model.num_classes) + plane, dtype=np.float16) if probabilities else None
+    a = 0
+    for block in blocks:
+        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[:, None].to(device)
+        p = resize_slices(torch.softmax(model(x).float(), dim=1), plane)  # (b, C, R, C') probabilities
+        b = x.shape[0]
+        labels[a:a + b] = p.argmax(1).to(torch.uint8).cpu().numpy()
+        if probs is not None:
+            probs[a:a + b] = p.half().cpu().numpy()
+        a += b
+        if progress is not None:
+            progress.update(b)
+    if a != n:
+        raise RuntimeError(f"segment: got {a} slices for a volume of {n}")
+    out = np.ascontiguousarray(geom.to_file_order(labels))
+    if probs is None:
+        return out, None
+    # the class axis rides along in front: same flips and permutation as geom.to_file_order
+    v = np.moveaxis(probs, 1, 0)
+    if geom.flip_row:
+        v = v[:, :, ::-1, :]
+    if geom.flip_col:
+        v = v[:, :, :, ::-1]
+    return out, v.transpose((0,) + tuple(1 + int(i) for i in np.argsort(geom.perm)))
+
+
+def prepared_blocks(slices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Blocks of an already prepared (N, S, S) stack (a memory map)."""
+    for a in range(0, slices.shape[0], batch_size):
+        yield np.array(slices[a:a + batch_size], dtype=np.float32)
+
+
+def volume_blocks(array: np.ndarray, geom: SliceGeometry, meta: dict, batch_size: int, case_id: str) -> Iterator[np.ndarray]:
+    """Blocks of the canonical stack of a source volume, normalised and resampled like `prepare` does."""
+    norm = normaliser(meta["modality"], array, meta["ct_window"], meta["mr_percentiles"])
+    view = geom.canonical_view(array)
+    s = geom.size
+    for a in range(0, geom.n_slices, batch_size):
+        block = np.array(view[a:a + batch_size], dtype=np.float32)  # a copy: norm() works in place
+        if not np.isfinite(block).all():
+            raise UserError("image has NaN or Inf voxels", case=case_id, fix="fix or mask the non-finite voxels and re-export the image")
+        block = norm(block)
+        yield resize_slices(torch.from_numpy(block)[:, None], (s, s))[:, 0].numpy()
+
+
+def write_probabilities(path: Path, probs: np.ndarray, affine: np.ndarray, classes: list[str]) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:  # an open file keeps numpy from appending its own .npz
+            np.savez_compressed(fh, probabilities=probs, affine=affine, classes=np.array(["background"] + list(classes)))
+
+
+# -- pipeline stage: the prepared test cases ----------------------------------------------------
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    device = select_device(cfg)
+    model, meta = load_segmenter(ctx.workdir, device)
+    cohort = Cohort(ctx.workdir)
+    if cohort.slice_size != meta["slice_size"] or cohort.classes != meta["classes"]:
+        raise UserError("the segmenter was trained on another prepared cohort", path=str(ctx.workdir / "seg"),
+                        fix=f"re-run `ccam train-seg --workdir {ctx.workdir}`")
+    cases = cohort.split("test")
+    if not cases:
+        log.info("predict: the cohort has no test case; nothing to predict")
+    bs = cfg.predict.batch_size
+    n_slices = 0
+    with tqdm(total=sum(c.n_slices for c in cases), desc="predict", unit="slice", dynamic_ncols=True) as bar:
+        for case in cases:
+            geom = case.geometry
+            labels, _ = segment(model, prepared_blocks(case.slices(), bs), geom, device, progress=bar)
+            write_label_map(ctx.dir / f"{case.id}.nii.gz", labels, geom.affine_array, n_labels=cohort.num_classes,
+                            qform_code=geom.qform_code, sform_code=geom.sform_code)
+            n_slices += case.n_slices
+    return {"cases": len(cases), "slices": n_slices, "checkpoint": best_or_final(ctx.workdir / "seg").name}
+
+
+def extra_inputs(ctx: StageContext) -> dict:
+    """The checkpoint actually used (its bytes), so a retrained segmenter re-runs predict."""
+    from ccam.runner import sha256_file
+
+    folder = ctx.workdir / "seg"
+    try:
+        return {"checkpoint": sha256_file(best_or_final(folder))}
+    except UserError:
+        return {"checkpoint": None}
+
+
+STAGE = register(Stage(
+    name="predict", folder="predictions", sections=("predict", "runtime"), needs=("prepare", "train-seg"), run=run,
+    extra_inputs=extra_inputs,
+    help="Segment the cohort's test cases (or, with --input, any volumes) with the trained U-Net.",
+    examples="ccam predict --workdir runs/demo\n"
+             "ccam predict --workdir runs/demo --input new_scans/ --output new_masks/\n"
+             "ccam predict --workdir runs/demo --input cohort.json --output masks/ --part 0/4 --continue",
+))
+
+
+# -- custom command: any volumes ----------------------------------------------------------------
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return name[: len(name) - len(suf)]
+    return name
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    except RuntimeError:
+        return False
+
+
+def _manifest_cases(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
+    """(case id, image) of every case of a manifest, and its modality; tags and splits are not needed."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"manifest is not valid JSON ({e})", path=str(path), fix="fix the JSON syntax")
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise UserError("manifest has no 'cases' list", path=str(path), fix="see DESIGN section 3 for the manifest format")
+    out = []
+    for i, c in enumerate(data["cases"]):
+        if not isinstance(c, dict) or "id" not in c or "image" not in c:
+            raise UserError(f"case #{i} needs 'id' and 'image'", path=str(path), fix="fix the manifest")
+        out.append((str(c["id"]), (path.parent / str(c["image"])).resolve()))
+    return out, data.get("modality")
+
+
+def find_inputs(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
+    """(case id, image path) for --input, sorted by id, and the manifest's modality if any."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("input not found", path=str(path), fix="pass a NIfTI/MHA/NRRD file, a folder of them, a DICOM series folder or a manifest")
+    modality = None
+    if path.is_file() and path.suffix.lower() == ".json":
+        cases, modality = _manifest_cases(path)
+    elif path.is_file():
+        if not path.name.lower().endswith(VOLUME_SUFFIXES):
+            raise UserError("input is not a volume file", path=str(path), fix="use .nii, .nii.gz, .mha, .mhd, .nrrd or .nhdr, a folder or a manifest")
+        cases = [(_strip_suffix(path.name), path)]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+                       and not p.name.startswith(".") and not p.name.lower().endswith(".raw"))
+        if files:
+            cases = [(_strip_suffix(p.name), p) for p in files]
+        elif _is_dicom_series(path):
+            cases = [(path.name, path)]
+        else:
+            series = sorted(p for p in path.iterdir() if p.is_dir() and _is_dicom_series(p))
+            if not series:
+                raise UserError("folder holds no NIfTI/MHA/NRRD file and no DICOM series", path=str(path),
+                                fix="point --input to volumes, a DICOM series folder or a manifest")
+            cases = [(p.name, p) for p in series]
+    ids = [c[0] for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UserError(f"duplicate case id(s) {', '.join(dup)} in the input", path=str(path),
+                        fix="give every volume a distinct file name (e.g. not both X.nii.gz and X.mha)")
+    return sorted(cases), modality
+
+
+def parse_part(text: Optional[str]) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part {text!r} must look like i/n", fix="e.g. --part 0/4 ... --part 3/4 for four jobs")
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--part {text}: need 0 <= i < n", fix="e.g. --part 0/4 ... --part 3/4 for four jobs")
+    return i, n
+
+
+def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume: bool = False,
+                  part: Optional[str] = None, probabilities: bool = False) -> dict:
+    """Segment every volume of ``input_path`` (this job's part of it) into ``output``; returns counts."""
+    i, n = parse_part(part)
+    cases, modality = find_inputs(input_path)
+    device = select_device(cfg)
+    model, meta = load_segmenter(workdir, device)
+    if modality is not None and modality != meta["modality"]:
+        raise UserError(f"the manifest's modality is {modality} but the segmenter was trained on {meta['modality']}",
+                        path=str(input_path), fix="use a segmenter trained on this modality")
+    mine = cases[i::n]
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder ({e.strerror})", path=str(output), fix="choose a writable --output")
+
+    def done(cid: str) -> bool:  # files are written atomically, so existing means complete
+        return (output / f"{cid}.nii.gz").exists() and (not probabilities or (output / f"{cid}.npz").exists())
+
+    todo = [c for c in mine if not (resume and done(c[0]))]
+    skipped = len(mine) - len(todo)
+    log.info("predict: %d case(s) in the input, %d in part %d/%d, %d already written and skipped, %d to do",
+             len(cases), len(mine), i, n, skipped, len(todo))
+    bs, S, K = cfg.predict.batch_size, meta["slice_size"], len(meta["classes"])
+    n_slices = 0
+    for cid, path in tqdm(todo, desc="predict", unit="case", dynamic_ncols=True):
+        vol = read_volume(path, case=cid)
+        geom = SliceGeometry.from_affine(vol.array.shape, vol.affine, meta["slice_axis"], S, vol.qform_code, vol.sform_code)
+        with tqdm(total=geom.n_slices, desc=cid, unit="slice", leave=False, dynamic_ncols=True) as bar:
+            labels, probs = segment(model, volume_blocks(vol.array, geom, meta, bs, cid), geom, device, probabilities, bar)
+        del vol
+        if probs is not None:
+            write_probabilities(output / f"{cid}.npz", probs, geom.affine_array, meta["classes"])
+        # the label map last: with --continue its presence marks the case complete
+        write_label_map(output / f"{cid}.nii.gz", labels, geom.affine_array, n_labels=K,
+                        qform_code=geom.qform_code, sform_code=geom.sform_code)
+        n_slices += geom.n_slices
+        del labels, probs
+    return {"cases": len(todo), "skipped": skipped, "slices": n_slices}
+
+
+@click.command("predict", short_help="Segment the test cases, or any volumes with --input/--output.")
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory with a trained segmenter (seg/).")
+@click.option("--input", "-i", "input_path", type=click.Path(), help="NIfTI/MHA/NRRD file, folder of them, DICOM series folder, or manifest.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder for <case_id>.nii.gz (with --input).")
+@click.option("--continue", "resume", is_flag=True, help="Skip cases whose outputs are already written.")
+@click.option("--part", metavar="I/N", help="Process every N-th case starting at I (0-based), for N parallel jobs.")
+@click.option("--probabilities", is_flag=True, help="Also write <case_id>.npz with float16 class probabilities (C, I, J, K).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
+@click.option("--force", is_flag=True, help="Pipeline mode: run even if the stage is up to date.")
+def predict_cmd(workdir, input_path, output, resume, part, probabilities, config_file, sets, force) -> None:
+    """Segment volumes with the trained U-Net; label maps are written on each volume's own grid.
+
+    Without --input this is the pipeline stage: the prepared cohort's test cases into
+    W/predictions/. With --input PATH --output DIR it segments new volumes and only reads W,
+    so several jobs (--part 0/4 ... 3/4) can run at once.
+
+    \b
+    Examples:
+      ccam predict --workdir runs/demo
+      ccam predict --workdir runs/demo --input new_scans/ --output new_masks/
+      ccam predict --workdir runs/demo --input scan.mha --output out/ --probabilities
+      ccam predict --workdir runs/demo --input cohort.json --output masks/ --part 1/4 --continue
+    """
+    from ccam.cli import load_settings
+    from ccam.runner import WorkdirLock, run_stage
+
+    if input_path is None:
+        if output is not None or resume or part is not None or probabilities:
+            raise UserError("--output, --continue, --part and --probabilities go with --input",
+                            fix="add --input PATH, or drop them to predict the cohort's test cases into W/predictions")
+        with WorkdirLock(Path(workdir)):
+            cfg = load_settings(workdir, config_file, sets)
+            run_stage(Path(workdir), cfg, "predict", {}, force=force)
+        return
+    if output is None:
+        raise UserError("--input needs --output DIR", fix="add --output folder/for/masks")
+    if not Path(workdir).is_dir():
+        raise UserError("work directory does not exist", path=str(workdir), fix="point --workdir to a run with a trained segmenter")
+    cfg = load_settings(workdir, config_file, sets, save=False)  # read-only: parallel parts may share W
+    res = predict_files(Path(workdir), cfg, Path(input_path), Path(output), resume=resume, part=part, probabilities=probabilities)
+    click.echo(f"predict: {res['cases']} case(s) written to {output}" + (f", {res['skipped']} skipped" if res["skipped"] else ""), err=True)
+
+
+COMMANDS = [predict_cmd]

@@ -1,0 +1,239 @@
+"""`ccam refine`: affinity refinement of the pseudo-masks (AffinityNet + random walk, optional).
+
+Reads the CAMs the pseudo-masks came from (``pseudo_masks/cams/<id>.npy``, (N, K, S, S)) and
+the slices; never a ground-truth mask.
+
+1. Seeds for the training cases' tagged slices: confident foreground / background from the CAMs
+   at ``alpha_low`` / ``alpha_high``, each sharpened by a dense CRF; the band where they disagree
+   is ignored (``seeds/<id>.npy``, (N, S, S) uint8, 255 = ignore).
+2. AffinityNet trained on the pairs of those seeds (``affinity/``: checkpoints, log, plot;
+   resumed after a crash by `ccam.training.EpochLoop`).
+3. Every case: random walk of [background, CAM_1..CAM_K] with T = D^-1 A^beta, 2^t steps on the
+   stride-8 grid, upsampled to S x S, M_s applied when ``anatomy.enabled``, argmax; written as
+   ``labels/<id>.npy`` (N, S, S) uint8 and ``<id>.nii.gz`` on the source grid.
+
+With ``refine.enabled: false`` the stage does no work; its record says ``{"enabled": false}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ccam.affinity import (IGNORE, affinity_labels, affinity_loss, background_score, confident_seeds, half_disk_offsets,
+                           require_densecrf, seeds_to_grid, walk_scores)
+from ccam.data.cohort import Cohort, PreparedCase
+from ccam.errors import UserError
+from ccam.io.atomic import save_npy
+from ccam.io.geometry import labels_to_source
+from ccam.io.volume import write_label_map
+from ccam.models.affinity import AffinityNet
+from ccam.runner import Stage, StageContext, register
+from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
+
+log = logging.getLogger("ccam")
+
+
+# --------------------------------------------------------------------------------------------
+# seeds
+# --------------------------------------------------------------------------------------------
+def crf_params(rc, size: int) -> dict:
+    """CRF settings for S x S slices: kernel widths are given at S = 512 and scaled with S."""
+    scale = size / 512.0
+    return {"crf_iters": rc.crf_iters, "gaussian_sxy": rc.crf_gaussian_sxy * scale,
+            "bilateral_sxy": rc.crf_bilateral_sxy * scale, "bilateral_srgb": rc.crf_bilateral_srgb}
+
+
+def case_seeds(slices: np.ndarray, cams: np.ndarray, rc) -> np.ndarray:
+    """Seeds (N, S, S) uint8 of one case from slices (N, S, S) and CAMs (N, K, S, S); 255 = ignore."""
+    params = crf_params(rc, slices.shape[-1])
+    out = np.zeros(slices.shape, dtype=np.uint8)
+    for n in range(slices.shape[0]):
+        if cams[n].any():  # untagged slices stay background
+            out[n] = confident_seeds(np.asarray(slices[n]), np.asarray(cams[n], dtype=np.float32),
+                                     rc.alpha_low, rc.alpha_high, **params)
+    return out
+
+
+class SeedSliceDataset(Dataset):
+    """Tagged slices with their seeds: item = dict(image (1, S, S) float32, seeds (S, S) int64)."""
+
+    def __init__(self, cases: list[PreparedCase], seeds_dir: Path):
+        self.cases, self.seeds_dir = cases, Path(seeds_dir)
+        self.index = [(ci, int(s)) for ci, c in enumerate(cases) for s in np.flatnonzero(c.tags().any(1))]
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _arrays(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
+        if ci not in self._maps:
+            c = self.cases[ci]
+            self._maps[ci] = (c.slices(), np.load(self.seeds_dir / f"{c.id}.npy", mmap_mode="r"))
+        return self._maps[ci]
+
+    def __getitem__(self, i: int) -> dict:
+        ci, s = self.index[i]
+        img, seeds = self._arrays(ci)
+        return {"image": torch.from_numpy(np.array(img[s], dtype=np.float32))[None],
+                "seeds": torch.from_numpy(np.array(seeds[s], dtype=np.int64))}
+
+
+# --------------------------------------------------------------------------------------------
+# AffinityNet training
+# --------------------------------------------------------------------------------------------
+def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: torch.device,
+                   num_workers: int = 0) -> tuple[AffinityNet, list[dict]]:
+    """Train AffinityNet on ``dataset`` items {image (1, S, S), seeds (S, S)}; checkpointed in ``folder``.
+
+    Re-running with the same folder resumes after the last complete epoch (same final weights).
+    """
+    seed_everything(seed)
+    model = AffinityNet(rc.backbone, rc.width).to(device)
+    offsets = half_disk_offsets(rc.radius)
+    batch = min(rc.batch_size, len(dataset))
+    if batch < 2:
+        raise UserError(f"affinity training needs at least 2 tagged training slices, found {len(dataset)}",
+                        fix="add training cases with tagged slices, or set refine.enabled=false")
+    # drop_last: a lone last slice would break batch norm
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers)
+    opt = torch.optim.SGD(model.param_groups(rc.lr, rc.head_lr_mult), lr=rc.lr, momentum=rc.momentum,
+                          weight_decay=rc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(rc.epochs * len(loader), rc.poly_power))
+
+    def train_epoch(epoch: int) -> dict:
+        sums = {"loss": 0.0, "bg_loss": 0.0, "fg_loss": 0.0, "neg_loss": 0.0}
+        for item in tqdm(loader, desc=f"affinity epoch {epoch + 1}/{rc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
+            x = item["image"].to(device)
+            aff = model.affinities(x, rc.radius)
+            grid = seeds_to_grid(item["seeds"].to(device), tuple(aff.shape[-2:]))
+            loss, parts = affinity_loss(aff, *affinity_labels(grid, offsets))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums["loss"] += loss.detach().item()
+            for k, v in parts.items():
+                sums[k] += v
+        return {k: v / max(1, len(loader)) for k, v in sums.items()} | {"lr": opt.param_groups[0]["lr"]}
+
+    loop = EpochLoop(folder, model, opt, sched, epochs=rc.epochs, seed=seed, title="affinity")
+    history = loop.run(train_epoch)
+    model.eval()
+    return model, history
+
+
+# --------------------------------------------------------------------------------------------
+# random walk
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def refine_stack(model: AffinityNet, slices: np.ndarray, cams: np.ndarray, rc, *, tau: float,
+                 m_s: np.ndarray | None, device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """Refined labels (N, S, S) uint8 from slices (N, S, S) and CAMs (N, K, S, S) of one case.
+
+    Slices without any CAM are background (as in the unrefined masks); the others go through the
+    walk, then M_s (C, S, S) zeroes each class where it never occurs, then argmax.
+    """
+    n, s = slices.shape[0], slices.shape[-1]
+    out = np.zeros((n, s, s), dtype=np.uint8)
+    todo = [i for i in range(n) if np.asarray(cams[i]).any()]
+    ind = None if m_s is None else torch.as_tensor(np.asarray(m_s[1:]), dtype=torch.float32, device=device)[None]
+    for a in range(0, len(todo), batch_size):
+        idx = todo[a:a + batch_size]
+        x = torch.from_numpy(np.array(slices[idx], dtype=np.float32))[:, None].to(device)
+        cam = torch.from_numpy(np.array(cams[idx], dtype=np.float32)).to(device)
+        bg = tau if rc.background == "tau" else background_score(cam, rc.bg_alpha)
+        scores = walk_scores(cam, model.affinities(x, rc.radius), radius=rc.radius, beta=rc.beta, t=rc.t, background=bg)
+        if ind is not None:
+            scores[:, 1:] *= ind  # anatomy-causality: a class stays 0 where it never occurs
+        out[idx] = scores.argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# stage
+# --------------------------------------------------------------------------------------------
+def _load_cams(cams_dir: Path, case: PreparedCase, num_classes: int) -> np.ndarray:
+    p = cams_dir / f"{case.id}.npy"
+    if not p.exists():
+        raise UserError("pseudo-mask CAMs missing", case=case.id, path=str(p), fix="re-run `ccam pseudo-masks --force`")
+    cams = np.load(p, mmap_mode="r")
+    want = (case.n_slices, num_classes, case.geometry.size, case.geometry.size)
+    if tuple(cams.shape) != want:
+        raise UserError(f"pseudo-mask CAMs have shape {tuple(cams.shape)}, expected {want}", case=case.id, path=str(p),
+                        fix="re-run `ccam pseudo-masks --force`")
+    return cams
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, rc = ctx.cfg, ctx.cfg.refine
+    if not rc.enabled:
+        log.info("refine: refine.enabled is false; nothing to do (train-seg uses the unrefined pseudo-masks)")
+        return {"enabled": False}
+    require_densecrf()  # fail before any work when the CRF package is missing
+    cohort = Cohort(ctx.workdir)
+    device = select_device(cfg)
+    cams_dir = ctx.stage_dir("pseudo-masks") / "cams"
+    k = cohort.num_classes
+    m_s = None
+    if cfg.anatomy.enabled:
+        p = ctx.stage_dir("sample") / "m_s.npy"
+        if not p.exists():
+            raise UserError("positional indicator M_s missing", path=str(p), fix="re-run `ccam sample --force`")
+        m_s = np.load(p)
+
+    # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
+    train = cohort.split("train")
+    seeds_dir = ctx.dir / "seeds"
+    counts = np.zeros(3)  # background, foreground, ignore pixels of tagged slices
+    for case in tqdm(train, desc="refine seeds", unit="case", dynamic_ncols=True):
+        path = seeds_dir / f"{case.id}.npy"
+        if not path.exists():
+            save_npy(path, case_seeds(case.slices(), _load_cams(cams_dir, case, k), rc))
+        seeds = np.load(path)[case.tags().any(1)]
+        counts += [(seeds == 0).sum(), ((seeds > 0) & (seeds != IGNORE)).sum(), (seeds == IGNORE).sum()]
+
+    # 2. AffinityNet on the seeds' pairs
+    dataset = SeedSliceDataset(train, seeds_dir)
+    model, history = train_affinity(ctx.dir / "affinity", dataset, rc, seed=cfg.runtime.seed, device=device,
+                                    num_workers=cfg.runtime.num_workers)
+
+    # 3. random walk for every case
+    changed = total = 0
+    tau = cfg.cam.tau
+    for case in tqdm(cohort.cases, desc="refine walk", unit="case", dynamic_ncols=True):
+        lab_path, nii_path = ctx.dir / "labels" / f"{case.id}.npy", ctx.dir / f"{case.id}.nii.gz"
+        cams = _load_cams(cams_dir, case, k)
+        if lab_path.exists() and nii_path.exists():
+            labels = np.load(lab_path)
+        else:
+            labels = refine_stack(model, case.slices(), cams, rc, tau=tau, m_s=m_s, device=device, batch_size=rc.batch_size)
+            save_npy(lab_path, labels)
+            g = case.geometry
+            write_label_map(nii_path, labels_to_source(g, labels, k + 1), g.affine_array, n_labels=k,
+                            qform_code=g.qform_code, sform_code=g.sform_code)
+        before = ctx.stage_dir("pseudo-masks") / "labels" / f"{case.id}.npy"
+        if before.exists():
+            changed += int((np.load(before) != labels).sum())
+            total += labels.size
+    frac = counts / max(1.0, counts.sum())
+    return {"enabled": True, "cases": len(cohort.cases), "train_slices": len(dataset),
+            "seed_fraction": {"background": round(float(frac[0]), 4), "foreground": round(float(frac[1]), 4),
+                              "ignore": round(float(frac[2]), 4)},
+            "final_loss": round(float(history[-1]["loss"]), 5) if history else None,
+            "changed_fraction": round(changed / total, 5) if total else None}
+
+
+STAGE = register(Stage(
+    name="refine", folder="refined_masks", sections=("refine", "cam", "anatomy", "runtime"),
+    needs=("prepare", "sample", "pseudo-masks"), run=run,
+    help="Refine pseudo-masks with AffinityNet and a random walk (optional; refine.enabled). "
+         "Writes refined_masks/<case>.nii.gz on the source grid and labels/<case>.npy.",
+    examples="ccam refine --workdir runs/demo --set refine.enabled=true\n"
+             "ccam refine --workdir runs/demo --set refine.enabled=true --set refine.t=6 --set refine.beta=10",
+))

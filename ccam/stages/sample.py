@@ -1,0 +1,160 @@
+"""`ccam sample`: P-CAM's CAMs, coarse masks and the global sampling maps M_GC and M_s.
+
+DESIGN section 2, "CAM" and "Coarse masks and global sampling":
+
+- CAMs of every slice of every case (all splits) with `ccam.cam` (multi-scale, zeroed for
+  untagged classes, normalised per class), saved as ``cams/<id>.npy`` (N, K, S, S) float16;
+- Coarse_i = argmax over [tau, CAM_1..CAM_K] -> ``coarse/<id>.npy`` (N, S, S) uint8, and the same
+  decision on the source grid -> ``coarse_masks/<id>.nii.gz`` (the "P-CAM" row of the ablation);
+- global_context M_GC = mean over *all training slices* of onehot(Coarse_i) -> ``m_gc.npy``
+  (C, S, S) float32; positional_indicator M_s = (M_GC > anatomy.eps) -> ``m_s.npy`` (C, S, S)
+  uint8; one PNG per class of each for a person to look at.
+
+Nothing here reads a ground-truth mask. A crash leaves finished cases in place; the re-run
+skips them and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ccam.cam import cams_for_slices, coarse_labels, coarse_mask_volume
+from ccam.data.cohort import Cohort, PreparedCase
+from ccam.errors import UserError
+from ccam.io.atomic import atomic_path, save_npy
+from ccam.io.volume import write_label_map
+from ccam.models.pcam import PCAM
+from ccam.runner import Stage, StageContext, register
+from ccam.stages.train_pcam import use_flip
+from ccam.training import best_or_final, load_model_weights, select_device
+
+log = logging.getLogger("ccam")
+
+
+def load_pcam(workdir, cfg, num_classes: int, device: torch.device) -> PCAM:
+    """P-CAM with the best weights of ``W/pcam`` (by validation F1), in eval mode on ``device``."""
+    path = best_or_final(workdir / "pcam")
+    model = PCAM.from_config(cfg.pcam, num_classes)
+    try:
+        load_model_weights(model, path)
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.output_stride} "
+                        f"({str(e).splitlines()[0][:100]})", path=str(path),
+                        fix="re-run `ccam train-pcam --workdir W --force` with the current settings")
+    model.eval().to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)  # ~15 % faster convolutions on CPU (oneDNN)
+    return model
+
+
+def case_outputs(out, case: PreparedCase) -> tuple:
+    return (out / "cams" / f"{case.id}.npy", out / "coarse" / f"{case.id}.npy", out / "coarse_masks" / f"{case.id}.nii.gz")
+
+
+def global_context(coarse_stacks, num_classes: int) -> tuple[np.ndarray, int]:
+    """M_GC (C, S, S) float32 = mean of onehot(Coarse_i) over all slices of ``coarse_stacks`` ((N, S, S) each)."""
+    counts, n = None, 0
+    for coarse in coarse_stacks:
+        onehot = F.one_hot(torch.as_tensor(np.asarray(coarse), dtype=torch.long), num_classes + 1)  # (N, S, S, C)
+        c = onehot.sum(0, dtype=torch.int64).permute(2, 0, 1)
+        counts = c if counts is None else counts + c
+        n += int(coarse.shape[0])
+    if counts is None or n == 0:
+        raise ValueError("no slices to average")
+    return (counts.double() / n).float().numpy(), n
+
+
+def positional_indicator(m_gc: np.ndarray, eps: float) -> np.ndarray:
+    """M_s (C, S, S) uint8 = 1 where M_GC > eps (eps = 0: wherever any coarse mask put the class)."""
+    return (m_gc > eps).astype(np.uint8)
+
+
+def save_map_png(path, image: np.ndarray, title: str, binary: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    im = ax.imshow(image, cmap="gray" if binary else "viridis", vmin=0, vmax=1 if binary else max(float(image.max()), 1e-6),
+                   interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    if not binary:
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, cc = ctx.cfg, ctx.cfg.cam
+    cohort = Cohort(ctx.workdir)
+    out = ctx.dir
+    device = select_device(cfg)
+    model = load_pcam(ctx.workdir, cfg, cohort.num_classes, device)
+    flip = use_flip(cc.flip_tta, cohort)
+    train_ids = {c.id for c in cohort.split("train")}
+    if not train_ids:
+        raise UserError("the prepared cohort has no training case", path=str(cohort.root), fix="mark cases 'train' in the manifest and re-run `ccam prepare`")
+    todo = [c for c in cohort.cases if not all(p.exists() for p in case_outputs(out, c))]
+    if len(todo) < len(cohort.cases):
+        log.info("sample: %d of %d cases already done, resuming", len(cohort.cases) - len(todo), len(cohort.cases))
+    log.info("sample: CAM method %s, scales %s, flip TTA %s, tau %.3f, device %s", cc.method, list(cc.scales),
+             "on" if flip else "off", cc.tau, device)
+    explainer = None
+    if cc.method != "cam":
+        from ccam.cam import gradient_explainer
+
+        explainer = gradient_explainer(model, cc.method)
+    bar = tqdm(total=sum(c.n_slices for c in todo), desc="sample", unit="slice", dynamic_ncols=True)
+    for case in todo:
+        cams_path, coarse_path, mask_path = case_outputs(out, case)
+        cams = cams_for_slices(model, case.slices(), case.tags(), method=cc.method, scales=cc.scales, flip=flip,
+                               batch_size=cc.batch_size, device=device, explainer=explainer, progress=bar.update)
+        coarse = coarse_labels(cams.float(), cc.tau).to(torch.uint8).numpy()
+        geom = case.geometry
+        labels = coarse_mask_volume(geom, cams, cc.tau)
+        write_label_map(mask_path, labels, geom.affine_array, n_labels=cohort.num_classes,
+                        qform_code=geom.qform_code, sform_code=geom.sform_code)
+        save_npy(coarse_path, coarse)
+        save_npy(cams_path, cams.numpy())  # written last: its presence marks the case done
+    bar.close()
+
+    train_cases = cohort.split("train")
+    m_gc, n = global_context((np.load(case_outputs(out, c)[1]) for c in train_cases), cohort.num_classes)
+    m_s = positional_indicator(m_gc, cfg.anatomy.eps)
+    save_npy(out / "m_gc.npy", m_gc)
+    save_npy(out / "m_s.npy", m_s)
+    names = ["background"] + list(cohort.classes)
+    for c, name in enumerate(names):
+        save_map_png(out / f"m_gc_{name}.png", m_gc[c], f"M_GC {name} (mean of {n} training slices)")
+        save_map_png(out / f"m_s_{name}.png", m_s[c], f"M_s {name} (M_GC > {cfg.anatomy.eps:g})", binary=True)
+    area = {name: float(m_s[c].mean()) for c, name in enumerate(names)}
+    log.info("sample: M_GC from %d training slices; M_s covers %s of the slice", n,
+             ", ".join(f"{k} {v:.0%}" for k, v in area.items() if k != "background"))
+    return {"cases": len(cohort.cases), "training_slices": n, "method": cc.method, "tau": cc.tau, "flip_tta": flip,
+            "scales": list(cc.scales), "eps": cfg.anatomy.eps, "m_s_area": area}
+
+
+def extra_inputs(ctx: StageContext) -> dict:
+    # only anatomy.eps of the anatomy section shapes M_s (anatomy.enabled belongs to later stages);
+    # the runtime section (device, threads) does not change what is written
+    return {"anatomy.eps": ctx.cfg.anatomy.eps}
+
+
+STAGE = register(Stage(
+    name="sample", folder="sample", sections=("cam",), needs=("prepare", "train-pcam"), run=run,
+    extra_inputs=extra_inputs,
+    help="CAMs of every slice from P-CAM, coarse masks (also as NIfTI on the source grid), and the "
+         "global context M_GC and 1/0 positional indicators M_s from the training slices.",
+    examples="ccam sample --workdir runs/demo\n"
+             "ccam sample --workdir runs/demo --set cam.tau=0.3 --set cam.scales=[1.0,0.5]\n"
+             "ccam sample --workdir runs/demo --set cam.method=gradcam",
+))
