@@ -83,8 +83,8 @@ def main() -> None:
     best = max(log, key=lambda r: r.get("val_f1", -1))
     print(f"\nvalidation slice classification (tags only), best epoch {best['epoch']} of {len(log)} (the checkpoint `sample` uses):")
     print("  " + " ".join(f"{c:>13}" for c in classes) + "      mean")
-    print("  F1  " + " ".join(f"{fmt(best.get(f'f1_{c}')):>13}" for c in classes) + f"     {fmt(best.get('val_f1'))}  (goal >= 90.0)")
-    print("  AUC " + " ".join(f"{fmt(best.get(f'auc_{c}')):>13}" for c in classes) + f"     {fmt(best.get('val_auc'))}")
+    print("  F1  " + " ".join(f"{fmt(best['val_f1_class'].get(c)):>13}" for c in classes) + f"     {fmt(best.get('val_f1'))}  (goal >= 90.0)")
+    print("  AUC " + " ".join(f"{fmt(best['val_auc_class'].get(c)):>13}" for c in classes) + f"     {fmt(best.get('val_auc'))}")
     print(f"  final epoch: F1 {fmt(log[-1].get('val_f1'))}, training loss {log[-1]['loss']:.4f}")
 
     # ground truth: benchmark only

@@ -40,7 +40,7 @@ class DataConfig(Section):
 
 
 class PCAMConfig(Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # MONAI ResNet; 18 trains in minutes on a CPU
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"  # MONAI ResNet; 18 trains in minutes on a CPU
     output_stride: Literal[8, 16] = 16  # paper: 16 (last stage dilated); 8 doubles CAM resolution for small S at ~2.5x cost
     width: float = Field(1.0, gt=0.0, le=4.0)  # channel multiplier (MONAI widen_factor); 1 = the standard ResNet, 0.5 ~ 1/4 FLOPs
     pretrained: Optional[str] = None  # local weights file; nothing is ever downloaded
@@ -55,6 +55,7 @@ class PCAMConfig(Section):
     flip: Literal["auto", "on", "off"] = "auto"  # auto: off when classes have a left/right pair (a flip swaps them)
     aug_scale: tuple[float, float] = (0.9, 1.1)  # +-10 % zoom: patient size varies about that much at a fixed field of view
     aug_rotate_deg: float = Field(10.0, ge=0.0, le=180.0)  # small: patients lie supine, big rotations break the anatomy prior
+    aug_translate: float = Field(0.0, ge=0.0, le=0.5)  # shift (share of the slice); 0: prepare already centres the field of view
     aug_intensity: float = Field(0.1, ge=0.0, le=1.0)  # +-10 % contrast/brightness/gamma: scanner and coil variation after normalisation
 
 
@@ -136,7 +137,7 @@ class SegConfig(Section):
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256], min_length=2)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # pseudo-masks are noisy labels already; no extra dropout
     epochs: int = Field(20, ge=1)  # enough for the U-Net to converge on a few thousand slices
-    batch_size: int = Field(16, ge=2)  # >= 2: batch norm needs more than one slice per batch
+    batch_size: int = Field(16, ge=1)  # slices per Adam step (instance norm: any size works)
     lr: float = Field(5e-4, gt=0.0)  # Adam, as in the paper
     weight_decay: float = Field(0.0, ge=0.0)  # the paper uses plain Adam
     slices_per_epoch: int = Field(0, ge=0)  # 0 = every training slice each epoch; else a random subset (big cohorts)

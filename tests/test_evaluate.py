@@ -116,7 +116,7 @@ def test_known_dice_and_surface_distances(work, cli):
     assert coarse["n_cases"] == 1 and coarse["dice"]["mean"]["mean"] == pytest.approx(1.0)
     assert "test" not in rep["stages"]["predicted"]["summary"]  # case c has no prediction
 
-    md = (work / "reports" / "evaluation.md").read_text()
+    md = (work / "reports" / "evaluation.md").read_text(encoding="utf-8")
     assert md.strip() in out  # printed to stdout
     assert "| predicted | train | 2 | 86.7 ± 3.3 |" in md and "| coarse | train | 1 | 100.0 ± 0.0 |" in md
     assert "refined" not in md and "pseudo" not in md

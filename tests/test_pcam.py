@@ -32,8 +32,7 @@ def test_train_pcam_artifacts_and_tag_metrics(prepared, cli):
     classes = Cohort(w).classes
     for r in lines:
         assert np.isfinite(r["loss"]) and 0 <= r["val_f1"] <= 1
-        for c in classes:
-            assert f"f1_{c}" in r and f"auc_{c}" in r
+        assert set(r["val_f1_class"]) == set(classes) == set(r["val_auc_class"])
     ck = load_checkpoint(d / "checkpoint_last.pt")
     assert ck["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng"} <= set(ck)
     best = load_checkpoint(d / "checkpoint_best.pt")
@@ -74,12 +73,14 @@ def test_tag_metrics_f1_and_auc_per_class():
     logits = torch.tensor([[2.0, -1.0], [1.0, -2.0], [-1.0, 3.0], [0.5, -3.0]])
     m = tag_metrics(logits, tags, ["a", "b"])
     # class a: tp 2, fp 1, fn 0 -> F1 0.8; class b: tp 1, fn 1 -> F1 2/3
-    assert m["f1_a"] == pytest.approx(0.8) and m["f1_b"] == pytest.approx(2 / 3)
+    f1, auc = m["val_f1_class"], m["val_auc_class"]
+    assert f1["a"] == pytest.approx(0.8) and f1["b"] == pytest.approx(2 / 3)
     assert m["val_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
-    assert m["auc_a"] == pytest.approx(1.0)  # both positives score above both negatives
-    assert m["auc_b"] == pytest.approx(0.75)
+    assert m["val_f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))  # tp 3, fp 1, fn 1
+    assert auc["a"] == pytest.approx(1.0)  # both positives score above both negatives
+    assert auc["b"] == pytest.approx(0.75)
     one_valued = tag_metrics(logits, torch.tensor([[1.0, 0]] * 4), ["a", "b"])
-    assert np.isnan(one_valued["auc_a"])
+    assert np.isnan(one_valued["val_auc_class"]["a"])
 
 
 def test_flip_follows_left_right_pair(prepared):

@@ -180,6 +180,7 @@ def test_continue_part_and_probabilities(trained, orientations, cli, tmp_path):
     (["--input", "nowhere.nii.gz", "--output", "o"], "input not found"),
     (["--input", "IN"], "--input needs --output"),
     (["--output", "o"], "go with --input"),
+    (["--input", "IN", "--output", "IN"], "would overwrite the input image"),
 ])
 def test_predict_user_errors(trained, orientations, cli, tmp_path, args, text):
     args = [str(orientations / "in") if a == "IN" else a for a in args]

@@ -70,25 +70,38 @@ def test_switches_give_the_ablation_rows_from_the_same_models(upstream, cli):
     assert {f: _record(w, f)["finished"] for f in ("pcam", "sample", "ccam")} == before  # nothing retrained
 
 
+def _world_x(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """RAS x (mm; + = the patient's right) of every voxel of a mask (I, J, K)."""
+    ijk = np.argwhere(mask)
+    return ijk @ affine[:3, :3].T[:, 0] + affine[0, 3]
+
+
 def test_ac_row_never_puts_the_left_kidney_on_the_right_side(upstream, cli):
+    """The +AC row keeps the left kidney on the body's left wherever M_s says it never occurs.
+
+    M_s is what `sample` made, with the patient's right half of the canonical view cleared for
+    the left kidney, as a reviewer would edit ``sample/m_s.npy`` after looking at
+    ``m_s_left_kidney.png`` (a 5-case P-CAM is too weak to make that indicator by itself). The
+    check runs on the written NIfTI in world coordinates, across the cohort's RAS / LPS /
+    slice-first files, so a flipped view or axis anywhere in the chain fails it.
+    """
     w = upstream
-    rc, _, err = cli("pseudo-masks", "--workdir", w, "--set", "ccam.enabled=false")  # the +AC row
-    assert rc == 0, err[-2000:]
     co = Cohort(w)
     left, right = co.classes.index("left_kidney") + 1, co.classes.index("right_kidney") + 1
+    m_s = np.load(w / "sample" / "m_s.npy")
+    s = m_s.shape[-1]
+    m_s[left, :, : s // 2] = 0  # canonical columns run patient right -> left
+    np.save(w / "sample" / "m_s.npy", m_s)
+    rc, _, err = cli("pseudo-masks", "--workdir", w, "--set", "ccam.enabled=false")  # the +AC row
+    assert rc == 0, err[-2000:]
     checked = 0
     for case in co.cases:
         vol = np.asarray(nib.load(str(w / "pseudo_masks" / f"{case.id}.nii.gz")).dataobj)
         gt = np.asarray(nib.load(case.mask_path).dataobj)
         aff = case.geometry.affine_array
-
-        def world_x(mask):  # RAS: +x is the patient's right
-            ijk = np.argwhere(mask)
-            return (ijk @ aff[:3, :3].T + aff[:3, 3])[:, 0]
-
         # the body's midline between the two kidneys, from ground truth (evaluation only)
-        midline = 0.5 * (world_x(gt == left).mean() + world_x(gt == right).mean())
-        x = world_x(vol == left)
+        midline = 0.5 * (_world_x(gt == left, aff).mean() + _world_x(gt == right, aff).mean())
+        x = _world_x(vol == left, aff)
         checked += x.size
         assert (x < midline).all(), f"{case.id}: {(x >= midline).sum()} left-kidney voxels right of the midline"
     assert checked > 0  # the row does label the left kidney

@@ -24,12 +24,12 @@ def _uniform(n: int, lo: float, hi: float, generator: Optional[torch.Generator])
 
 
 def random_affines(n: int, scale: Sequence[float] = (1.0, 1.0), rotate_deg: float = 0.0, flip: bool = False,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None, translate: float = 0.0) -> torch.Tensor:
     """(n, 2, 3) affine matrices for ``F.affine_grid`` (output -> input normalised coordinates).
 
     A zoom factor z from ``scale`` enlarges the anatomy by z (the sampling grid shrinks by 1/z),
-    the rotation is uniform in +-``rotate_deg``, and with ``flip`` half the slices are mirrored
-    left-right.
+    the rotation is uniform in +-``rotate_deg``, the shift uniform in +-``translate`` of the slice
+    width per axis, and with ``flip`` half the slices are mirrored left-right.
     """
     zoom = _uniform(n, float(scale[0]), float(scale[1]), generator)
     angle = _uniform(n, -1.0, 1.0, generator) * math.radians(float(rotate_deg))
@@ -40,6 +40,8 @@ def random_affines(n: int, scale: Sequence[float] = (1.0, 1.0), rotate_deg: floa
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * mirror, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
+    if translate > 0:  # normalised coordinates span 2 per axis
+        theta[:, :, 2] = 2 * translate * (2 * torch.rand(n, 2, generator=generator) - 1)
     return theta
 
 
@@ -85,15 +87,16 @@ class SliceAugment:
     rotate_deg: float = 10.0
     flip: bool = False
     intensity: float = 0.1
+    translate: float = 0.0
 
     @property
     def geometric(self) -> bool:
-        return tuple(self.scale) != (1.0, 1.0) or self.rotate_deg > 0 or self.flip
+        return tuple(self.scale) != (1.0, 1.0) or self.rotate_deg > 0 or self.flip or self.translate > 0
 
     def __call__(self, images: torch.Tensor, *maps: torch.Tensor, generator: Optional[torch.Generator] = None):
         out_maps = list(maps)
         if self.geometric:
-            theta = random_affines(images.shape[0], self.scale, self.rotate_deg, self.flip, generator)
+            theta = random_affines(images.shape[0], self.scale, self.rotate_deg, self.flip, generator, self.translate)
             images = warp(images, theta)
             out_maps = [warp(m, theta) for m in maps]
         images = jitter_intensity(images, self.intensity, generator)
@@ -101,4 +104,4 @@ class SliceAugment:
 
     @classmethod
     def from_pcam(cls, pcam_cfg, flip: bool) -> "SliceAugment":
-        return cls(tuple(pcam_cfg.aug_scale), pcam_cfg.aug_rotate_deg, flip, pcam_cfg.aug_intensity)
+        return cls(tuple(pcam_cfg.aug_scale), pcam_cfg.aug_rotate_deg, flip, pcam_cfg.aug_intensity, pcam_cfg.aug_translate)

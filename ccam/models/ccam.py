@@ -90,8 +90,10 @@ class CCAM(nn.Module):
     the interface of `ccam.cam`.
     """
 
-    def __init__(self, num_classes: int, global_context: torch.Tensor, backbone: str = "resnet18",
+    def __init__(self, num_classes: int, global_context: torch.Tensor, backbone: str | nn.Module = "resnet18",
                  output_stride: int = 16, coarse_encoding: str = "onehot", in_channels: int = 1):
+        """``backbone``: a ResNet name, or a trunk module with ``out_channels`` (e.g. P-CAM's, so the
+        architecture always matches the P-CAM checkpoint it is initialised from)."""
         super().__init__()
         if coarse_encoding not in ENCODINGS:
             raise ValueError(f"coarse_encoding must be one of {ENCODINGS} (resolve 'auto' first)")
@@ -99,7 +101,7 @@ class CCAM(nn.Module):
         if c != num_classes + 1 or s != s2:
             raise ValueError(f"global_context must be (K+1, S, S) = ({num_classes + 1}, S, S), got {tuple(global_context.shape)}")
         self.num_classes, self.grid_size, self.coarse_encoding = num_classes, s, coarse_encoding
-        self.backbone = Backbone(backbone, output_stride, in_channels)
+        self.backbone = Backbone(backbone, output_stride, in_channels) if isinstance(backbone, str) else backbone
         self.feature_dim = self.backbone.out_channels
         self.register_buffer("global_context", global_context.float().clone())
         self.category_attention = CategoryAttention(s, c, c if coarse_encoding == "onehot" else 1)

@@ -17,7 +17,7 @@ from monai.networks import nets
 
 from ccam.errors import UserError
 
-BACKBONES = {"resnet18": nets.resnet18, "resnet34": nets.resnet34, "resnet50": nets.resnet50}
+BACKBONES = {"resnet10": nets.resnet10, "resnet18": nets.resnet18, "resnet34": nets.resnet34, "resnet50": nets.resnet50}
 
 
 def _keep_resolution(layer: nn.Sequential, dilation: int) -> None:

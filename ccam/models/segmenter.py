@@ -29,8 +29,11 @@ class Segmenter(nn.Module):
         if len(channels) < 2:
             raise ValueError("the segmenter needs at least two channel levels")
         if network == "unet":
+            # instance norm (as nnU-Net): no batch statistics, so training, validation and
+            # prediction normalise alike, whatever the batch size
             self.net = nets.UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=channels,
-                                 strides=(2,) * (len(channels) - 1), num_res_units=2, norm="batch", dropout=dropout)
+                                 strides=(2,) * (len(channels) - 1), num_res_units=2, norm=("instance", {"affine": True}),
+                                 dropout=dropout)
             self.stride = 2 ** (len(channels) - 1)
         elif network == "basicunet":
             if len(channels) != 6:

@@ -23,6 +23,7 @@ reads a new kind of CAMs or labels, a new source in ``_sources``.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -92,11 +93,11 @@ class _RowMaps:
     so the upsampled max and argmax are enough for the whole tau sweep.
     """
 
-    def __init__(self, maps: torch.Tensor, plane: tuple[int, int], chunk: int = 8):
+    def __init__(self, maps: torch.Tensor, plane: tuple[int, int], num_labels: int, chunk: int = 8):
         n = maps.shape[0]
         self.labels: Optional[np.ndarray] = None
         if not maps.is_floating_point():  # a label row (e.g. refined masks): the same at every tau
-            onehot = torch.nn.functional.one_hot(maps.long(), int(maps.max()) + 1 if maps.numel() else 1).permute(0, 3, 1, 2)
+            onehot = torch.nn.functional.one_hot(maps.long().clamp(0, num_labels - 1), num_labels).permute(0, 3, 1, 2)
             self.labels = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).argmax(1).numpy()
                                           for a in range(0, n, chunk)]).astype(np.int64)
             return
@@ -140,13 +141,11 @@ def _ground_truth(case: PreparedCase, num_classes: int) -> np.ndarray:
     return gt
 
 
-def _nanmean(a: np.ndarray, axis=None):
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(a, axis=axis)
+def _nanmean(a, axis=None):
+    """np.nanmean without the warning for an all-NaN slice (a class absent everywhere stays NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
 
 
 def run(ctx: StageContext) -> dict:
@@ -176,7 +175,7 @@ def run(ctx: StageContext) -> dict:
             maps = cache[row.source]
             if row.anatomy and maps.is_floating_point():
                 maps = apply_positional_indicator(maps, m_s)
-            rm = _RowMaps(maps, plane)
+            rm = _RowMaps(maps, plane, c)
             for ti, t in enumerate(taus):
                 conf[ri, ti, ci] = confusion(rm.at(t), gt, c)
             dice_cfg[ri, ci] = dice_per_class(rm.at(tau), gt, k)

@@ -339,7 +339,7 @@ def evaluate_cmd(workdir, config_file, sets, force) -> None:
         after = run_stage(wd, cfg, "evaluate", {}, force=force)
     md = report_paths(wd)[1]
     if before is not None and before.get("finished") == after.get("finished") and md.exists():
-        click.echo(md.read_text())  # skipped: show the current report anyway
+        click.echo(md.read_text(encoding="utf-8"))  # skipped: show the current report anyway
 
 
 COMMANDS = [evaluate_cmd]

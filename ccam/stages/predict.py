@@ -162,7 +162,7 @@ def extra_inputs(ctx: StageContext) -> dict:
 
 
 STAGE = register(Stage(
-    name="predict", folder="predictions", sections=("predict", "runtime"), needs=("prepare", "train-seg"), run=run,
+    name="predict", folder="predictions", sections=("predict",), needs=("prepare", "train-seg"), run=run,
     extra_inputs=extra_inputs,
     help="Segment the cohort's test cases (or, with --input, any volumes) with the trained U-Net.",
     examples="ccam predict --workdir runs/demo\n"
@@ -184,10 +184,14 @@ def _strip_suffix(name: str) -> str:
 def _is_dicom_series(folder: Path) -> bool:
     import SimpleITK as sitk
 
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr for every folder without a series
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
     except RuntimeError:
         return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _manifest_cases(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
@@ -262,6 +266,10 @@ def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume:
         raise UserError(f"the manifest's modality is {modality} but the segmenter was trained on {meta['modality']}",
                         path=str(input_path), fix="use a segmenter trained on this modality")
     mine = cases[i::n]
+    for cid, path in mine:
+        if (output / f"{cid}.nii.gz").resolve() == Path(path).resolve():
+            raise UserError("the output would overwrite the input image", case=cid, path=str(path),
+                            fix="choose an --output folder other than the input folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -24,6 +24,7 @@ from ccam.data.augment import random_affines, warp as warp_maps
 from ccam.data.cohort import Cohort, PreparedCase, SliceDataset
 from ccam.errors import UserError
 from ccam.models.ccam import CCAM, resolve_coarse_encoding
+from ccam.models.pcam import PCAM
 from ccam.runner import Stage, StageContext, register
 from ccam.training import EpochLoop, best_or_final, load_checkpoint, poly_lambda, seed_everything, select_device
 
@@ -83,10 +84,11 @@ class CoarseSliceDataset(SliceDataset):
 
 # -- model ---------------------------------------------------------------------------------
 def build_ccam(cfg, cohort: Cohort, global_context: np.ndarray) -> CCAM:
-    """C-CAM with P-CAM's backbone settings; M_GC (C, S, S) as its buffer."""
+    """C-CAM on a trunk built exactly as P-CAM's (``pcam`` settings); M_GC (C, S, S) as its buffer."""
     enc = resolve_coarse_encoding(cfg.ccam.coarse_encoding, cohort.num_classes)
+    trunk = PCAM.from_config(cfg.pcam, cohort.num_classes).backbone
     return CCAM(cohort.num_classes, torch.from_numpy(np.asarray(global_context, dtype=np.float32)),
-                backbone=cfg.pcam.backbone, output_stride=cfg.pcam.output_stride, coarse_encoding=enc)
+                backbone=trunk, coarse_encoding=enc)
 
 
 def load_trained_ccam(workdir: Path, cfg, cohort: Cohort, device: torch.device) -> CCAM:

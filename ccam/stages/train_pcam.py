@@ -49,8 +49,8 @@ def tag_metrics(logits: torch.Tensor, tags: torch.Tensor, classes: list[str]) ->
     """Slice-classification metrics from logits (N, K) and tags (N, K): F1 and ROC AUC per class.
 
     F1 is pooled over slices at probability 0.5; ``val_f1`` is the mean over classes (macro),
-    ``val_f1_micro`` pools all (slice, class) decisions. AUC is NaN for a class whose validation
-    tags are all 0 or all 1.
+    ``val_f1_micro`` pools all (slice, class) decisions; ``val_f1_class`` / ``val_auc_class``
+    map class name -> value. AUC is NaN for a class whose validation tags are all 0 or all 1.
     """
     pred = (logits > 0).float()
     cm = get_confusion_matrix(pred, tags, include_background=True)  # (N, K, 4): tp, fp, tn, fn
@@ -61,13 +61,12 @@ def tag_metrics(logits: torch.Tensor, tags: torch.Tensor, classes: list[str]) ->
         warnings.simplefilter("ignore")
         auc = compute_roc_auc(torch.sigmoid(logits), tags, average="none")
     auc = [float(a) for a in np.atleast_1d(np.asarray(auc, dtype=np.float64))]
-    out = {"val_f1": float(np.nanmean(f1.numpy())) if torch.isfinite(f1).any() else float("nan"),
-           "val_f1_micro": float(micro[0]),
-           "val_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")}
-    for name, f, a in zip(classes, f1.tolist(), auc):
-        out[f"f1_{name}"] = float(f)
-        out[f"auc_{name}"] = float(a)
-    return out
+    # per-class values go in nested dicts: log.jsonl keeps them, progress.png plots the means
+    return {"val_f1": float(np.nanmean(f1.numpy())) if torch.isfinite(f1).any() else float("nan"),
+            "val_f1_micro": float(micro[0]),
+            "val_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan"),
+            "val_f1_class": {name: float(f) for name, f in zip(classes, f1.tolist())},
+            "val_auc_class": {name: float(a) for name, a in zip(classes, auc)}}
 
 
 def run(ctx: StageContext) -> dict:

@@ -83,8 +83,10 @@ def dir_mask_file(masks_dir: Optional[Path], case_id: str) -> Optional[Path]:
 
 
 def extra_inputs(ctx: StageContext) -> dict:
-    """The record of the pipeline masks used and, with --masks, every mask file's content hash."""
-    out: dict = {}
+    """The seed, the record of the pipeline masks used and, with --masks, every mask file's content hash.
+
+    Only the seed of the runtime section: threads, workers or device must not retrain the U-Net."""
+    out: dict = {"runtime.seed": ctx.cfg.runtime.seed}
     src = pipeline_mask_source(ctx.workdir)
     if src is not None:
         out["pipeline_masks"] = [src[0], hashlib.sha256((src[1] / RECORD).read_bytes()).hexdigest()]
@@ -123,8 +125,9 @@ def resolve_masks(ctx: StageContext, cohort: Cohort, cases: list[PreparedCase]) 
     masks_dir = Path(ctx.options["masks"]) if ctx.options.get("masks") else None
     pipe = pipeline_mask_source(ctx.workdir)
     if pipe is not None and pipe[0] in STAGES and stage_status(ctx.workdir, ctx.cfg, pipe[0]) != "done":
-        raise UserError(f"the {pipe[0]} masks are out of date (an earlier stage or its settings changed)",
-                        path=str(pipe[1]), fix=f"run `ccam {pipe[0]} --workdir {ctx.workdir}` (or `ccam run`) first")
+        # not an error: masks edited or written by hand in that folder are a legitimate input
+        log.warning("train-seg: the %s masks are out of date (an earlier stage or its settings changed); "
+                    "`ccam %s --workdir %s` would remake them", pipe[0], pipe[0], ctx.workdir)
     out: dict[str, tuple[str, Path]] = {}
     for case in cases:
         f = dir_mask_file(masks_dir, case.id)
@@ -241,6 +244,9 @@ def run(ctx: StageContext) -> dict:
         model = Segmenter.from_spec(spec)
     except ValueError as e:
         raise UserError(f"invalid segmenter settings: {e}", fix="see the seg section of configs/default.yaml")
+    if -(-cohort.slice_size // model.stride) < 2:  # instance norm needs more than one pixel at the deepest level
+        raise UserError(f"slices of {cohort.slice_size} px are too small for {len(sc.channels)} U-Net levels",
+                        fix="use fewer seg.channels levels or a larger data.slice_size")
     device = select_device(cfg)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
@@ -255,7 +261,7 @@ def run(ctx: StageContext) -> dict:
         dataset.epoch_seed = cfg.runtime.seed * 1000 + epoch
         sampler = RandomSampler(dataset, num_samples=n_per_epoch)  # draws from the RNG EpochLoop seeded
         loader = DataLoader(dataset, batch_size=sc.batch_size, sampler=sampler, num_workers=cfg.runtime.num_workers,
-                            drop_last=n_per_epoch > sc.batch_size)  # a last batch of one slice breaks batch norm
+                            drop_last=n_per_epoch > sc.batch_size)  # every step sees a full batch
         total, n = 0.0, 0
         for batch in tqdm(loader, desc=f"train-seg epoch {epoch + 1}/{sc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
             x, y = batch["image"].to(device), batch["label"].to(device)
@@ -286,7 +292,7 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = register(Stage(
-    name="train-seg", folder="seg", sections=("seg", "runtime"), needs=("prepare",), run=run,
+    name="train-seg", folder="seg", sections=("seg",), needs=("prepare",), run=run,
     extra_inputs=extra_inputs,
     help="Train the 2D U-Net segmenter on the refined masks, else the pseudo-masks (or on --masks DIR).",
     examples="ccam train-seg --workdir runs/demo\n"
