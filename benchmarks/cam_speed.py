@@ -135,11 +135,12 @@ def main() -> None:
     # ours: channels_last + inference_mode (multiscale_cams runs under inference_mode)
     ours_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    rates = {"ours (ccam.cam, 1 forward, all classes)": best_rate(lambda: multiscale_cams(ours_model, x_cl, tags, (1.0,)), b, a.repeats)}
+
+    def run_ours():
+        multiscale_cams(ours_model, x_cl, tags, (1.0,))
 
     # MONAI CAM: one call per class; the 1x1 head as a linear layer on (B, D) vectors
-    m_cam = copy.deepcopy(model)
-    monai_cam = CAM(nn_module=m_cam, target_layers="backbone",
+    monai_cam = CAM(nn_module=copy.deepcopy(model), target_layers="backbone",
                     fc_layers=lambda m: (lambda v: F.linear(v, m.classifier.weight.flatten(1))), postprocessing=lambda t: t)
 
     def run_monai_cam():
@@ -147,16 +148,19 @@ def main() -> None:
             for c in range(k):
                 monai_cam(x, class_idx=torch.full((b,), c))
 
-    rates["MONAI CAM (1 call per class)"] = best_rate(run_monai_cam, b, a.repeats)
-
-    m_grad = copy.deepcopy(model)
-    monai_grad = GradCAM(nn_module=m_grad, target_layers="backbone", postprocessing=lambda t: t)
+    monai_grad = GradCAM(nn_module=copy.deepcopy(model), target_layers="backbone", postprocessing=lambda t: t)
 
     def run_monai_gradcam():
         for c in range(k):
             monai_grad(x, class_idx=c)
 
-    rates["MONAI GradCAM (fwd+bwd per class)"] = best_rate(run_monai_gradcam, b, a.repeats)
+    # rounds interleave the methods, and each keeps its best round: load from other jobs hits all alike
+    fns = {"ours (ccam.cam, 1 forward, all classes)": run_ours, "MONAI CAM (1 call per class)": run_monai_cam,
+           "MONAI GradCAM (fwd+bwd per class)": run_monai_gradcam}
+    rates = {name: 0.0 for name in fns}
+    for _ in range(a.repeats):
+        for name, fn in fns.items():
+            rates[name] = max(rates[name], best_rate(fn, b, 1))
 
     gc_note = ""
     if GRADCAM_PY.exists():
@@ -185,19 +189,32 @@ def main() -> None:
     print(f"\ngoals: >= 10x grad-cam: {'n/a' if gc is None else f'{ours / gc:.1f}x'}; "
           f">= 4x MONAI CAM: {ours / rates['MONAI CAM (1 call per class)']:.1f}x")
 
-    # forward-pass efficiency against the measured fp32 matmul peak
-    with FlopCounterMode(display=False) as fc:
-        with torch.inference_mode():
-            ours_model.classifier(ours_model.cam_features(x_cl))
-    flops = fc.get_total_flops()
-    fwd_rate = best_rate(lambda: multiscale_cams(ours_model, x_cl, tags, (1.0,)), b, a.repeats)
+    # forward-pass efficiency against the fp32 matmul peak, measured in interleaved rounds
+    print("\nforward-pass efficiency (FLOPs by torch.utils.flop_counter; fp32 matmul peak 2048 x 2048, same threads):")
     n = 2048
     ma, mb = torch.randn(n, n), torch.randn(n, n)
-    peak = best_rate(lambda: torch.mm(ma, mb), 1, a.repeats) * 2 * n ** 3
-    achieved = flops / b * fwd_rate
-    print(f"\nforward pass: {flops / b / 1e9:.3f} GFLOP per slice (torch.utils.flop_counter), "
-          f"{achieved / 1e9:.1f} GFLOP/s during CAM extraction")
-    print(f"fp32 matmul peak ({n}x{n}, same threads): {peak / 1e9:.1f} GFLOP/s -> efficiency {100 * achieved / peak:.0f} % (goal >= 50 %)")
+    models = [("this model", ours_model, x_cl)]
+    if not a.workdir:
+        from ccam.config import Config
+
+        dflt = Config()  # the paper's settings: full-width ResNet-18 at output stride 16, S = 256
+        big = PCAM.from_config(dflt.pcam, 4).eval().to(memory_format=torch.channels_last)
+        xb = torch.rand(8, 1, dflt.data.slice_size, dflt.data.slice_size).contiguous(memory_format=torch.channels_last)
+        models.append((f"default config ({dflt.pcam.backbone} OS{dflt.pcam.output_stride} width {dflt.pcam.width}, "
+                       f"{xb.shape[0]} x {dflt.data.slice_size}^2)", big, xb))
+    for label, mdl, xin in models:
+        with FlopCounterMode(display=False) as fc:
+            with torch.inference_mode():
+                mdl.classifier(mdl.cam_features(xin))
+        per_slice = fc.get_total_flops() / xin.shape[0]
+        t_in = torch.ones(xin.shape[0], k)
+        fwd, peak = 0.0, 0.0
+        for _ in range(a.repeats + 2):
+            fwd = max(fwd, best_rate(lambda: multiscale_cams(mdl, xin, t_in, (1.0,)), xin.shape[0], 1))
+            peak = max(peak, best_rate(lambda: torch.mm(ma, mb), 1, 1) * 2 * n ** 3)
+        achieved = per_slice * fwd
+        print(f"  {label}: {per_slice / 1e9:.3f} GFLOP/slice, {fwd:.1f} slices/s = {achieved / 1e9:.1f} GFLOP/s; "
+              f"peak {peak / 1e9:.1f} GFLOP/s -> {100 * achieved / peak:.0f} % (goal >= 50 %)")
 
 
 if __name__ == "__main__":

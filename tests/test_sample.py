@@ -17,9 +17,18 @@ from ccam.data.cohort import Cohort
 from ccam.models.pcam import PCAM
 
 TRAIN = ("--set", "pcam.epochs=1", "--set", "pcam.batch_size=16", "--set", "pcam.optimizer=adam",
-         "--set", "pcam.lr=0.001", "--set", "pcam.head_lr_mult=1")
+         "--set", "pcam.lr=0.001", "--set", "pcam.head_lr_mult=1", "--set", "pcam.width=0.25")
 SAMPLE = ("--set", "cam.scales=[1.0,0.5]", "--set", "cam.tau=0.3")
 _TRAINED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 32 px batches are per-op-overhead bound: one thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

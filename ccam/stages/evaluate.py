@@ -123,24 +123,27 @@ def tau_sweep_case(cams: np.ndarray, gt: np.ndarray, case: PreparedCase, taus: l
     ``cams`` (N, K, S, S) are upsampled bilinearly to the source in-plane size (as
     `ccam.io.geometry.scores_to_source` does) and compared with the ground truth in the same
     canonical slice order, a chunk of slices at a time. argmax([tau, CAMs]) is class k+1 exactly
-    where the largest CAM exceeds tau (ties go to background, as in the argmax).
+    where the largest CAM is class k's and exceeds tau (ties go to background, as in the argmax),
+    so one sort of those peak values per class gives the counts for every tau at once.
     """
     geom = case.geometry
     K, T = cams.shape[1], len(taus)
     inter, psum, gsum = np.zeros((T, K)), np.zeros((T, K)), np.zeros(K)
     gview = geom.canonical_view(gt)
-    tau_t = torch.tensor(taus, dtype=torch.float32)[:, None, None, None]  # (T, 1, 1, 1)
+    tau_arr = np.asarray(taus, dtype=np.float32)
+
+    def above(values: np.ndarray) -> np.ndarray:  # (T,) how many values exceed each tau
+        return values.size - np.searchsorted(np.sort(values), tau_arr, side="right")
+
     for a in range(0, geom.n_slices, chunk):
         up = resize_slices(torch.as_tensor(np.asarray(cams[a:a + chunk], dtype=np.float32)), geom.plane_shape)
-        peak, cls = up.max(1)  # (b, R, C)
-        g = torch.as_tensor(np.ascontiguousarray(gview[a:a + chunk]).astype(np.int64))
-        fg = peak[None] > tau_t  # (T, b, R, C)
+        peak, cls = (t.numpy() for t in up.max(1))  # (b, R, C) largest CAM and its class
+        g = np.asarray(gview[a:a + chunk])
         for k in range(K):
-            pk = fg & (cls == k)[None]
-            gk = g == k + 1
-            inter[:, k] += (pk & gk[None]).sum(dim=(1, 2, 3)).numpy()
-            psum[:, k] += pk.sum(dim=(1, 2, 3)).numpy()
-            gsum[k] += gk.sum().item()
+            mine, truth = cls == k, g == k + 1
+            psum[:, k] += above(peak[mine])
+            inter[:, k] += above(peak[mine & truth])
+            gsum[k] += truth.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(psum + gsum[None] > 0, 2 * inter / (psum + gsum[None]), np.nan)
 

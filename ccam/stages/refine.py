@@ -206,13 +206,16 @@ def run(ctx: StageContext) -> dict:
     # 3. random walk for every case
     changed = total = 0
     tau = cfg.cam.tau
+    # slices per forward pass + walk: the walk's cost is mostly per step, so big batches pay off;
+    # scaled with S so the trunk's activations stay ~ those of 32 slices at 128 x 128
+    walk_batch = max(1, min(32, 32 * 128 * 128 // cohort.slice_size ** 2))
     for case in tqdm(cohort.cases, desc="refine walk", unit="case", dynamic_ncols=True):
         lab_path, nii_path = ctx.dir / "labels" / f"{case.id}.npy", ctx.dir / f"{case.id}.nii.gz"
         cams = _load_cams(cams_dir, case, k)
         if lab_path.exists() and nii_path.exists():
             labels = np.load(lab_path)
         else:
-            labels = refine_stack(model, case.slices(), cams, rc, tau=tau, m_s=m_s, device=device, batch_size=rc.batch_size)
+            labels = refine_stack(model, case.slices(), cams, rc, tau=tau, m_s=m_s, device=device, batch_size=walk_batch)
             save_npy(lab_path, labels)
             g = case.geometry
             write_label_map(nii_path, labels_to_source(g, labels, k + 1), g.affine_array, n_labels=k,

@@ -26,7 +26,7 @@ from ccam.data.cohort import Cohort, SliceDataset
 from ccam.errors import UserError
 from ccam.models.pcam import PCAM
 from ccam.runner import Stage, StageContext, register
-from ccam.training import EpochLoop, poly_lambda, select_device
+from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
 
 log = logging.getLogger("ccam")
 
@@ -77,6 +77,7 @@ def run(ctx: StageContext) -> dict:
         raise UserError("the prepared cohort has no training case", path=str(cohort.root), fix="mark cases 'train' in the manifest and re-run `ccam prepare`")
     train_set, val_set = SliceDataset(train_cases), SliceDataset(val_cases)
     device = select_device(cfg)
+    seed_everything(cfg.runtime.seed)  # the initial weights depend on the seed only
     model = PCAM.from_config(pc, cohort.num_classes)
     if pc.pretrained:
         n = model.load_pretrained(pc.pretrained)
