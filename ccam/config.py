@@ -76,7 +76,9 @@ class CAMConfig(Section):
 
 class AnatomyConfig(Section):
     enabled: bool = True  # the anatomy-causality chain (CAM_ac = M_s * CAM) is the paper's method; off = ablation rows without AC
-    eps: float = Field(0.0, ge=0.0, lt=1.0)  # M_s = M_GC > eps (paper: 0)
+    # M_s = M_GC > eps. Paper: 0, i.e. wherever any training coarse mask ever put the class; a small
+    # eps (0.01-0.05) ignores classes seen at a pixel in fewer than that share of training slices
+    eps: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class CCAMConfig(Section):

@@ -250,8 +250,10 @@ def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = No
     ran = []
     for name in names:
         st = get_stage(name)
-        opts = {p.name: run_opts[p.name] for p in st.options if p.name in run_opts}
         before = read_record(workdir, st)
+        # options given to the stage's own command earlier (e.g. train-seg --masks) carry over
+        opts = dict((before or {}).get("options", {}))
+        opts.update({p.name: run_opts[p.name] for p in st.options if run_opts.get(p.name) is not None})
         after = run_stage(workdir, cfg, name, opts, force=name == from_)
         if before is None or before.get("finished") != after.get("finished"):
             ran.append(name)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import ccam.stages.train_pcam  # noqa: F401  (registers the stage when the package list lacks it)
 from ccam.data.augment import SliceAugment, random_affines, warp
 from ccam.data.cohort import Cohort
 from ccam.errors import UserError

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import ccam.stages.sample  # noqa: F401  (registers the stages when the package list lacks them)
-import ccam.stages.train_pcam  # noqa: F401
+import ccam.stages.sample
 from ccam import cam as cam_mod
 from ccam.cam import cams_for_slices, coarse_labels, gradient_cams, gradient_explainer, multiscale_cams
 from ccam.data.cohort import Cohort

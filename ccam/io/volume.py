@@ -177,14 +177,3 @@ def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray, *,
     with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
         nib.save(img, str(tmp))
     return path
-
-
-def write_float_map(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.float16) -> Path:
-    """Write float maps (probabilities, CAMs) as NIfTI; (I, J, K) or (I, J, K, C)."""
-    path = Path(path)
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
-        nib.save(img, str(tmp))
-    return path

@@ -100,7 +100,7 @@ def run_demo(workdir: Path, n_cases: int = 20, seed: int = 0, config_file=None, 
 
 
 @click.command("demo", short_help="Synthetic cohort -> every stage -> evaluation and review export, in one command.")
-@click.option("--workdir", "-w", default="ccam_demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--workdir", "-w", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Work directory (the cohort goes to W/data).")
 @click.option("--cases", "-n", default=20, show_default=True, type=click.IntRange(5, 2000),
               help="Number of synthetic patients (at least 5, so train, val and test all get some).")

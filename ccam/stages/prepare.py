@@ -128,11 +128,11 @@ def extra_inputs(ctx: StageContext) -> dict:
             files.append([str(ip), st.st_size if st else None, st.st_mtime_ns if st else None])
     except (json.JSONDecodeError, AttributeError, TypeError):
         pass
-    return {"manifest": sha256_file(p), "images": files}
+    return {"manifest": sha256_file(p), "images": files, "seed": ctx.cfg.runtime.seed}  # seed: validation split
 
 
 STAGE = register(Stage(
-    name="prepare", folder="prepare", sections=("data", "runtime"), needs=(), run=run, extra_inputs=extra_inputs,
+    name="prepare", folder="prepare", sections=("data",), needs=(), run=run, extra_inputs=extra_inputs,
     help="Validate a manifest and write normalised S x S slices, slice tags and per-case geometry.",
     examples="ccam prepare --manifest data_manifests/demo.json --workdir runs/demo\n"
              "ccam prepare --manifest cohort.json --workdir runs/ct --set data.slice_size=128",
