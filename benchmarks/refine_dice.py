@@ -145,7 +145,7 @@ def oracle_cams(wd: Path, cohort: Cohort, sigma: float, splits: list[str], sets:
 VARIANTS = [("stage settings", {}), ("background=power, bg_alpha=4", {"background": "power", "bg_alpha": 4.0}),
             ("background=power, bg_alpha=16", {"background": "power", "bg_alpha": 16.0}),
             ("beta=4", {"beta": 4.0}), ("beta=16", {"beta": 16.0}), ("t=4", {"t": 4}), ("t=6", {"t": 6}),
-            ("t=10", {"t": 10})]
+            ("t=10", {"t": 10}), ("no walk (t=0): grid cost only", {"t": 0})]
 
 
 def variants(wd: Path, cohort: Cohort, splits: list[str]) -> None:
@@ -182,6 +182,25 @@ def variants(wd: Path, cohort: Cohort, splits: list[str]) -> None:
             acc.add(refine_stack(model, c.slices(), cams, rc, tau=cfg.cam.tau, m_s=m_s, device=torch.device("cpu"),
                                  batch_size=16), gts[c.id])
         rows.append((name, acc.dice()))
+    # the walk itself with ground-truth affinities (1 within a label, 0 across) on the same CAMs:
+    # what the stage could reach if AffinityNet were perfect
+    from ccam.affinity import half_disk_offsets, seeds_to_grid, shift, walk_scores
+
+    acc = DiceAccumulator(k)
+    h = model(torch.zeros(1, 1, cohort.slice_size, cohort.slice_size)).shape[-1]
+    for c in cases:
+        cams = torch.from_numpy(np.load(wd / "pseudo_masks" / "cams" / f"{c.id}.npy").astype(np.float32))
+        g = seeds_to_grid(torch.from_numpy(gts[c.id]).long(), (h, h))
+        aff = torch.stack([(g == shift(g, dy, dx, fill=-1)).float() for dy, dx in half_disk_offsets(base.radius)], 1)
+        lab = np.zeros_like(gts[c.id])
+        pos = (cams.flatten(1).amax(1) > 0).numpy()
+        with torch.no_grad():
+            sc = walk_scores(cams[pos], aff[pos], radius=base.radius, beta=base.beta, t=base.t, background=cfg.cam.tau)
+            if m_s is not None:
+                sc[:, 1:] *= torch.from_numpy(m_s[1:]).float()[None]
+        lab[pos] = sc.argmax(1).numpy()
+        acc.add(lab, gts[c.id])
+    rows.append(("ground-truth affinities", acc.dice()))
     for name, d in rows:
         print(f"{name:<32} " + " ".join(f"{v * 100:>13.2f}" for v in d) + f" {np.nanmean(d) * 100:>7.2f}")
 

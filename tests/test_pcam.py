@@ -58,6 +58,13 @@ def test_train_pcam_artifacts_and_tag_metrics(prepared, cli):
     assert best["val_f1"] == max(r["val_f1"] for r in lines)
     # the phantom's classes include left/right kidneys: flips must be off
     assert json.loads((d / "_stage.json").read_text())["outputs"]["flip"] is False
+    # threads do not change the weights, so they do not make the stage stale; the seed and pcam settings do
+    from ccam.config import resolve
+    from ccam.runner import stage_status
+
+    assert stage_status(w, resolve(w, sets=["runtime.num_threads=1"]), "train-pcam") == "done"
+    assert stage_status(w, resolve(w, sets=["runtime.seed=1"]), "train-pcam") == "stale"
+    assert stage_status(w, resolve(w, sets=["pcam.epochs=3"]), "train-pcam") == "stale"
 
 
 def test_resume_after_crash_gives_bitwise_equal_weights(prepared, cli, monkeypatch):

@@ -17,6 +17,15 @@ from ccam.config import RefineConfig
 from ccam.errors import UserError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here: on a shared 2-core machine two threads wait on each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # affinity labels
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ def test_random_walk_fills_holes_inside_a_region_of_high_affinity():
 # AffinityNet training: resume after a crash gives the same weights
 # ---------------------------------------------------------------------------------------------
 class _Slices(torch.utils.data.Dataset):
-    def __init__(self, n: int = 6, s: int = 64):
+    def __init__(self, n: int = 6, s: int = 48):
         g = torch.Generator().manual_seed(0)
         self.items = []
         for i in range(n):
@@ -202,7 +211,7 @@ def test_affinity_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the stage, end to end on a tiny prepared cohort
 # ---------------------------------------------------------------------------------------------
-FAST_UPSTREAM = ("pcam.epochs=1", "pcam.batch_size=8", "ccam.epochs=1", "ccam.batch_size=8", "cam.scales=[1.0]")
+FAST_UPSTREAM = ("pcam.epochs=1", "pcam.batch_size=8", "pcam.width=0.25", "ccam.epochs=1", "ccam.batch_size=8", "cam.scales=[1.0]")
 FAST_REFINE = ("refine.enabled=true", "refine.epochs=1", "refine.batch_size=8", "refine.t=4")
 
 

@@ -232,9 +232,14 @@ def run(ctx: StageContext) -> dict:
             "changed_fraction": round(changed / total, 5) if total else None}
 
 
+def extra_inputs(ctx: StageContext) -> dict:
+    """The seed (AffinityNet's initialisation and batch order); device and threads do not re-run it."""
+    return {"seed": ctx.cfg.runtime.seed}
+
+
 STAGE = register(Stage(
-    name="refine", folder="refined_masks", sections=("refine", "cam", "anatomy", "runtime"),
-    needs=("prepare", "sample", "pseudo-masks"), run=run,
+    name="refine", folder="refined_masks", sections=("refine", "cam", "anatomy"),
+    needs=("prepare", "sample", "pseudo-masks"), run=run, extra_inputs=extra_inputs,
     help="Refine pseudo-masks with AffinityNet and a random walk (optional; refine.enabled). "
          "Writes refined_masks/<case>.nii.gz on the source grid and labels/<case>.npy.",
     examples="ccam refine --workdir runs/demo --set refine.enabled=true\n"
