@@ -190,9 +190,19 @@ def main() -> None:
           f">= 4x MONAI CAM: {ours / rates['MONAI CAM (1 call per class)']:.1f}x")
 
     # forward-pass efficiency against the fp32 matmul peak, measured in interleaved rounds
-    print("\nforward-pass efficiency (FLOPs by torch.utils.flop_counter; fp32 matmul peak 2048 x 2048, same threads):")
+    print("\nforward-pass efficiency (FLOPs by torch.utils.flop_counter; fp32 matrix-multiply peak = the faster of "
+          "torch.mm and the same 2048^3 GEMM as a 1x1 convolution, same threads):")
     n = 2048
     ma, mb = torch.randn(n, n), torch.randn(n, n)
+    # the same GEMM through the convolution library: on some CPUs (e.g. MKL on AMD) torch.mm is not the fastest path
+    gemm_w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
+    gemm_x = torch.randn(1, n, n, 1).contiguous(memory_format=torch.channels_last)
+
+    def gemm_peak() -> float:
+        with torch.inference_mode():
+            mm = best_rate(lambda: torch.mm(ma, mb), 1, 1)
+            conv = best_rate(lambda: F.conv2d(gemm_x, gemm_w), 1, 1)
+        return max(mm, conv) * 2 * n ** 3
     models = [("this model", ours_model, x_cl)]
     if not a.workdir:
         from ccam.config import Config
@@ -211,10 +221,11 @@ def main() -> None:
         fwd, peak = 0.0, 0.0
         for _ in range(a.repeats + 2):
             fwd = max(fwd, best_rate(lambda: multiscale_cams(mdl, xin, t_in, (1.0,)), xin.shape[0], 1))
-            peak = max(peak, best_rate(lambda: torch.mm(ma, mb), 1, 1) * 2 * n ** 3)
+            peak = max(peak, gemm_peak())
         achieved = per_slice * fwd
         print(f"  {label}: {per_slice / 1e9:.3f} GFLOP/slice, {fwd:.1f} slices/s = {achieved / 1e9:.1f} GFLOP/s; "
               f"peak {peak / 1e9:.1f} GFLOP/s -> {100 * achieved / peak:.0f} % (goal >= 50 %)")
+    print("  (above 100 % means the convolution library does fewer multiplies than counted, e.g. Winograd 3x3 kernels)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from ccam.io.atomic import write_json, write_text
 from ccam.io.geometry import resize_slices
 from ccam.io.volume import read_volume
 from ccam.metrics import dice_per_class
-from ccam.runner import Stage, StageContext, register
+from ccam.runner import Stage, StageContext, get_stage, read_record, register
 from ccam.stages.pseudo_masks import cam_sources
 from ccam.stages.train_ccam import extra_inputs as ccam_settings, read_positional_indicator
 
@@ -60,13 +60,29 @@ ROWS = [
     Row("+AC", "pcam", True),
     Row("+CC", "ccam", False),
     Row("+AC+CC", "ccam", True),
-    # Row("+Aff", "refined", True),  # with a "refined" source reading refined_masks/ (refinement stage)
 ]
+AFF_ROW = Row("+AC+CC+Aff", "refined", True)  # only when the refinement stage ran with refine.enabled
+
+
+def refined_record(ctx: StageContext) -> Optional[dict]:
+    """The `refine` stage's record when it produced masks (refine.enabled), else None."""
+    rec = read_record(ctx.workdir, get_stage("refine"))
+    return rec if rec and rec.get("outputs", {}).get("enabled") else None
 
 
 def _sources(ctx: StageContext, cohort: Cohort, needed: set[str]) -> dict[str, Callable[[PreparedCase], torch.Tensor]]:
     """Source name -> case -> CAMs (N, K, S, S) float in [0, 1], or labels (N, S, S) int64 (tau-free rows)."""
-    return cam_sources(ctx, cohort, tuple(sorted(needed & {"pcam", "ccam"})))
+    out = cam_sources(ctx, cohort, tuple(sorted(needed & {"pcam", "ccam"})))
+    if "refined" in needed:
+        labels = ctx.stage_dir("refine") / "labels"
+        out["refined"] = lambda case: torch.from_numpy(np.load(labels / f"{case.id}.npy").astype(np.int64))
+    return out
+
+
+def extra_inputs(ctx: StageContext) -> dict:
+    """C-CAM's settings (every row is made whatever the switches) and the refinement record, if any."""
+    rec = refined_record(ctx)
+    return {**ccam_settings(ctx), "refine": rec.get("key") if rec else None}
 
 
 def left_right_pairs(classes: list[str]) -> list[tuple[int, int]]:
@@ -158,7 +174,7 @@ def run(ctx: StageContext) -> dict:
                         path=str(ctx.workdir), fix="add 'mask' to some manifest cases (evaluation only)")
     tau = float(cfg.cam.tau)
     taus = sorted(set(float(t) for t in cfg.evaluate.tau_sweep) | {tau})
-    rows = ROWS
+    rows = ROWS + ([AFF_ROW] if refined_record(ctx) else [])
     sources = _sources(ctx, cohort, {r.source for r in rows})
     m_s = read_positional_indicator(ctx.stage_dir("sample"), cohort) if any(r.anatomy for r in rows) else None
     pairs = left_right_pairs(cohort.classes)
@@ -260,8 +276,8 @@ def render_markdown(report: dict) -> str:
 
 STAGE = register(Stage(
     name="ablation", folder="ablation", sections=("runtime", "pcam", "cam", "evaluate"),
-    needs=("prepare", "sample", "train-ccam"), run=run, extra_inputs=ccam_settings,  # every row, whatever the switches
-    help="The paper's ablation table (P-CAM, +AC, +CC, +AC+CC) against ground truth: Dice at tau and oracle tau, L/R swaps.",
+    needs=("prepare", "sample", "train-ccam"), run=run, extra_inputs=extra_inputs,
+    help="The paper's ablation table (P-CAM, +AC, +CC, +AC+CC, and +AC+CC+Aff when refine.enabled) against ground truth: Dice at tau and oracle tau, L/R swaps.",
     examples="ccam ablation --workdir runs/demo\n"
              "ccam run --pipeline pipelines/ablation.yaml --manifest demo_data/manifest.json --workdir runs/abl",
 ))
