@@ -88,8 +88,8 @@ def main() -> None:
         dest = out / ("pred_" + ("prob" if extra else "lab"))
         wall, rss, _ = child(CCAM + ["predict", "-w", str(w), "--input", str(vol), "--output", str(dest)] + extra + sets)
         print(f"| {name} | {n} | {wall:.1f} | {n / wall:.1f} | {rss:.0f} |")
-    print(f"\ngoal: peak RSS < 3072 MB for labels -> see the first row (wall time includes reading, "
-          f"normalising, resampling and writing the NIfTI)")
+    print("\ngoal: peak RSS < 3072 MB for labels -> see the first row (wall time includes reading, "
+          "normalising, resampling and writing the NIfTI)")
 
 
 if __name__ == "__main__":

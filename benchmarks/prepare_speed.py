@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 
 def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float]:

@@ -99,14 +99,19 @@ def sha256_folder(path: Path, pattern: str = "*") -> str:
     return h.hexdigest()
 
 
-def read_record(workdir: Path, stage: Stage) -> Optional[dict]:
-    p = workdir / stage.folder / RECORD
+def read_record_in(folder: Path) -> Optional[dict]:
+    """The `_stage.json` of a stage folder, or None when absent or unreadable."""
+    p = Path(folder) / RECORD
     if not p.exists():
         return None
     try:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, OSError):
         return None
+
+
+def read_record(workdir: Path, stage: Stage) -> Optional[dict]:
+    return read_record_in(workdir / stage.folder)
 
 
 def _record_digest(workdir: Path, stage: Stage) -> Optional[str]:

@@ -6,7 +6,6 @@ directory in seconds.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

@@ -16,7 +16,6 @@ Writes ``seg/``: ``model.json`` (architecture and preprocessing, read by `predic
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -38,7 +37,7 @@ from ccam.io.geometry import labels_from_source
 from ccam.io.volume import read_volume
 from ccam.metrics import DiceAccumulator
 from ccam.models.segmenter import Segmenter, segmenter_spec
-from ccam.runner import RECORD, STAGES, Stage, StageContext, register, sha256_file, stage_status
+from ccam.runner import RECORD, STAGES, Stage, StageContext, read_record_in, register, sha256_file, stage_status
 from ccam.training import EpochLoop, select_device
 
 log = logging.getLogger("ccam")
@@ -50,14 +49,7 @@ MASK_SUFFIXES = (".nii.gz", ".nii")
 
 # -- where each case's mask comes from ---------------------------------------------------------
 
-def _record(folder: Path) -> Optional[dict]:
-    p = folder / RECORD
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
+_record = read_record_in
 
 
 def pipeline_mask_source(workdir: Path) -> Optional[tuple[str, Path]]:
