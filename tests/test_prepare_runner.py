@@ -192,3 +192,13 @@ def test_default_yaml_matches_built_in_defaults():
     assert config_mod.validate(data).model_dump() == config_mod.Config().model_dump()
     demo = yaml.safe_load((config_mod.REPO_CONFIGS / "demo.yaml").read_text())
     config_mod.validate(demo)  # every demo key exists
+
+
+def test_missing_previous_stage_is_a_clear_error(prepared, cli, tmp_path):
+    rc, _, err = cli("train-pcam", "--workdir", tmp_path / "empty")
+    assert rc == 2 and "needs 'prepare', which is missing" in err and "ccam prepare" in err
+    w = prepared(32)
+    rc, _, err = cli("sample", "--workdir", w)
+    lines = [ln for ln in err.splitlines() if ln.startswith("ccam: error")]
+    assert rc == 2 and len(lines) == 1 and "needs 'train-pcam'" in lines[0] and "Traceback" not in err
+    assert not (w / "sample").exists()
