@@ -23,22 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from _proc import run_child
+
 CCAM = [sys.executable, "-m", "ccam.cli"]
-
-
-def child(cmd: list[str]) -> tuple[float, float, str]:
-    """Run cmd in a fresh process via a tiny wrapper; (wall seconds, peak RSS MB, stderr tail)."""
-    wrapper = (
-        "import resource, subprocess, sys, json, time; t=time.time(); "
-        "p=subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True); "
-        "print(json.dumps({'rc': p.returncode, 'wall': time.time()-t, 'err': p.stderr[-3000:], "
-        "'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))"
-    )
-    out = subprocess.run([sys.executable, "-c", wrapper] + cmd, capture_output=True, text=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
-    if rec["rc"] != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{rec['err']}")
-    return rec["wall"], rec["rss"], rec["err"]
 
 
 def main() -> None:
@@ -77,7 +64,7 @@ def main() -> None:
         print(f"setup: CT-like volume {shape} int16 written ({time.time() - t:.0f} s, {img.nbytes / 2**20:.0f} MB in memory)")
         del img
 
-    _, base, _ = child([sys.executable, "-c", "import ccam.stages.predict"])
+    _, base, _ = run_child([sys.executable, "-c", "import ccam.stages.predict"])
     spec = json.loads((w / "seg" / "model.json").read_text())["spec"]
     print(f"\nnetwork: {spec['network']} channels {spec['channels']}, S = {a.slice_size}, threads = {a.threads or 'default'}")
     print(f"baseline RSS (python + torch + ccam imported): {base:.0f} MB")
@@ -86,7 +73,7 @@ def main() -> None:
     print("\n| output | slices | wall s | slices/s | peak RSS MB |\n| --- | ---: | ---: | ---: | ---: |")
     for name, extra in runs:
         dest = out / ("pred_" + ("prob" if extra else "lab"))
-        wall, rss, _ = child(CCAM + ["predict", "-w", str(w), "--input", str(vol), "--output", str(dest)] + extra + sets)
+        wall, rss, _ = run_child(CCAM + ["predict", "-w", str(w), "--input", str(vol), "--output", str(dest)] + extra + sets)
         print(f"| {name} | {n} | {wall:.1f} | {n / wall:.1f} | {rss:.0f} |")
     print("\ngoal: peak RSS < 3072 MB for labels -> see the first row (wall time includes reading, "
           "normalising, resampling and writing the NIfTI)")

@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
+from _proc import run_child
 
 
 def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
-    """Run cmd in a fresh process via a tiny wrapper; return (wall seconds, peak RSS MB of that process)."""
-    wrapper = (
-        "import resource, subprocess, sys, json, time; t=time.time(); "
-        "rc=subprocess.call(sys.argv[1:]); "
-        "print(json.dumps({'rc': rc, 'wall': time.time()-t, "
-        "'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))"
-    )
-    out = subprocess.run([sys.executable, "-c", wrapper] + cmd, capture_output=True, text=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
-    if rec["rc"] != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    return rec["wall"], rec["rss"]
+    """(wall seconds, peak RSS MB) of cmd run in its own process."""
+    wall, rss, _ = run_child(cmd)
+    return wall, rss
 
 
 def write_cohort(out: Path, n: int, shape, modality: str) -> Path:
@@ -57,6 +48,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ccam_bench_prepare")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--slice-size", type=int, default=256)
+    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--shape", default="256,256,80")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -65,12 +58,12 @@ def main() -> None:
     print(f"baseline RSS (python + torch + ccam imported): {base:.0f} MB")
 
     t = time.time()
-    man = write_cohort(out / "cohort20", 20, (256, 256, 80), "MR")
-    print(f"generated 20 x 256x256x80 MR volumes in {time.time() - t:.1f} s")
+    man = write_cohort(out / "cohort20", args.cases, tuple(int(v) for v in args.shape.split(",")), "MR")
+    print(f"generated {args.cases} x {args.shape} MR volumes in {time.time() - t:.1f} s")
     wall, rss = child_peak_rss_mb(ccam + ["prepare", "-m", str(man), "-w", str(out / "w20"), "--set", f"data.slice_size={args.slice_size}"])
     rec = json.loads((out / "w20" / "prepare" / "_stage.json").read_text())
     n = rec["outputs"]["slices"]
-    print(f"prepare 20 volumes: {n} slices in {wall:.1f} s wall (incl. ~start-up) -> {n / wall:.1f} slices/s; "
+    print(f"prepare {args.cases} volumes: {n} slices in {wall:.1f} s wall (incl. ~start-up) -> {n / wall:.1f} slices/s; "
           f"stage time {rec['duration_s']:.1f} s -> {n / rec['duration_s']:.1f} slices/s; peak RSS {rss:.0f} MB")
 
     if not args.skip_big:
