@@ -159,16 +159,18 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
     """Run one stage unless its record is current; returns the record."""
     st = get_stage(name)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
+    memo: dict = {}  # one status pass over the upstream graph
     for up in st.needs:
-        if stage_status(workdir, cfg, up) != "done":
+        if (up_status := stage_status(workdir, cfg, up, memo)) != "done":
             raise UserError(
-                f"stage '{name}' needs '{up}', which is {stage_status(workdir, cfg, up)} in {workdir}",
+                f"stage '{name}' needs '{up}', which is {up_status} in {workdir}",
                 fix=f"run `ccam {up} --workdir {workdir}` (or `ccam run`) first",
             )
     ctx = StageContext(workdir, cfg, st, opts)
     key, inputs = input_key(ctx)
     rec = read_record(workdir, st)
-    if rec is not None and rec.get("key") == key and not force and stage_status(workdir, cfg, name) == "done":
+    # upstream is done (checked above), so a matching key means this stage is done
+    if rec is not None and rec.get("key") == key and not force:
         log.info("%s: up to date, skipped", name)
         return rec
     folder = ctx.dir
