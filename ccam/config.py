@@ -162,6 +162,9 @@ class EvaluateConfig(Section):
     # so that row is reported as "oracle" and never fed back into the pipeline)
     tau_sweep: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     surface_distances: bool = True  # HD95 and ASSD; switch off to evaluate big cohorts faster (Dice only)
+    # CAM localisation per class against ground truth (peak in the organ, CAM mass inside, occlusion
+    # drop of P-CAM, contact sheets): tells a CAM that looks elsewhere from one with the wrong extent
+    localisation: bool = True
 
 
 class Config(Section):

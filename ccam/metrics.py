@@ -2,18 +2,23 @@
 
 All functions take label maps (I, J, K) with 0 = background and 1..K = classes, on the same grid.
 A class absent from both prediction and ground truth gives NaN (left out of means, not zero).
+Also the one reader of a case's ground-truth mask (`read_ground_truth`, evaluation only) and the
+left/right swap rates of a pooled confusion matrix (`confusion`, `swap_rates`).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance
+
+from ccam.errors import UserError
+from ccam.io.volume import Volume, read_volume
 
 
 def _onehot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -75,3 +80,39 @@ class DiceAccumulator:
     def dice(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.total > 0, 2 * self.inter / self.total, np.nan)
+
+
+def read_ground_truth(case, num_classes: Optional[int] = None) -> Volume:
+    """A case's ground-truth mask (evaluation only): a Volume whose ``array`` is (I, J, K) int64.
+
+    ``case`` is a `ccam.data.cohort.PreparedCase` with a ``mask_path``. The mask must lie on the
+    image's grid (UserError naming the case otherwise); with ``num_classes`` its labels must be in
+    0..K. No training step may call this.
+    """
+    vol = read_volume(case.mask_path, case=case.id)
+    if tuple(vol.array.shape) != tuple(case.geometry.shape):
+        raise UserError(f"ground-truth mask has shape {tuple(vol.array.shape)}, the image {tuple(case.geometry.shape)}",
+                        case=case.id, path=case.mask_path, fix="export the mask on the image's grid and fix the manifest")
+    vol.array = np.asarray(vol.array).astype(np.int64)
+    if num_classes is not None and vol.array.size and (vol.array.min() < 0 or vol.array.max() > num_classes):
+        raise UserError(f"mask has labels outside 0..{num_classes}", case=case.id, path=case.mask_path,
+                        fix="labels must be 0 = background and k = classes[k-1]")
+    return vol
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
+    """(C, C) voxel counts of two label maps of one shape, rows = ground truth label, columns = predicted label."""
+    return np.bincount((np.asarray(gt, dtype=np.int64) * c + np.asarray(pred, dtype=np.int64)).ravel(),
+                       minlength=c * c).reshape(c, c)
+
+
+def swap_rates(cm: np.ndarray, pairs: list[tuple[int, int]], classes: list[str]) -> dict[str, Optional[float]]:
+    """Left/right swaps of a (C, C) confusion matrix: "a->b" = share of ground-truth voxels of ``a``
+    labelled ``b``, both ways for every (left label, right label) pair (see
+    `ccam.data.cohort.left_right_pairs`); None where the ground truth has no voxel of ``a``."""
+    out: dict[str, Optional[float]] = {}
+    for left, right in pairs:
+        for a, b in ((left, right), (right, left)):
+            total = cm[a].sum()
+            out[f"{classes[a - 1]}->{classes[b - 1]}"] = float(cm[a, b] / total) if total else None
+    return out

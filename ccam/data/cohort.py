@@ -39,6 +39,23 @@ def has_left_right_pair(classes: list[str]) -> bool:
     return False
 
 
+def left_right_pairs(classes: list[str]) -> list[tuple[int, int]]:
+    """(left label, right label) for every left/right twin among ``classes`` (labels are index + 1)."""
+    names = [c.lower() for c in classes]
+    pairs = []
+    for i, n in enumerate(names):
+        for left, right in LEFT_RIGHT_PREFIXES:
+            if n.startswith(left) and (right + n[len(left):]) in names:
+                pairs.append((i + 1, names.index(right + n[len(left):]) + 1))
+                break
+        else:
+            for left, right in (("_left", "_right"), ("_l", "_r")):
+                if n.endswith(left) and (n[: -len(left)] + right) in names:
+                    pairs.append((i + 1, names.index(n[: -len(left)] + right) + 1))
+                    break
+    return pairs
+
+
 @dataclass
 class PreparedCase:
     id: str

@@ -11,7 +11,11 @@ writes them) are compared with the ground-truth masks of every case that has one
   against ground truth. Choosing tau on ground truth is leakage, so it is labelled oracle and
   never fed back into the pipeline;
 - the left/right swap rate for each left/right class pair (share of ground-truth left-organ
-  voxels labelled as the right organ, and the reverse), pooled over cases.
+  voxels labelled as the right organ, and the reverse), pooled over cases;
+- the pointing-game hit rate per class of each row's CAMs (`ccam.localisation`): share of the
+  S x S slices tagged with the class and holding its ground truth whose CAM peak lies in the
+  organ (1 px tolerance). It needs no tau, so it says whether a row *finds* the organ at all,
+  apart from the extent its masks get. Label rows (+Aff) have none.
 
 Ground truth is read here and nowhere in training. Writes ``ablation/ablation.{md,json}``, copies
 them to ``reports/``, and prints the table.
@@ -33,12 +37,12 @@ import torch
 from tqdm import tqdm
 
 from ccam.anatomy import apply_positional_indicator
-from ccam.data.cohort import LEFT_RIGHT_PREFIXES, Cohort, PreparedCase
+from ccam.data.cohort import Cohort, PreparedCase, left_right_pairs
 from ccam.errors import UserError
 from ccam.io.atomic import write_json, write_text
-from ccam.io.geometry import resize_slices
-from ccam.io.volume import read_volume
-from ccam.metrics import dice_per_class
+from ccam.io.geometry import labels_from_source, resize_slices
+from ccam.localisation import TOLERANCE_PX, Tally, tally
+from ccam.metrics import confusion, dice_per_class, read_ground_truth, swap_rates
 from ccam.runner import Stage, StageContext, get_stage, read_record, register
 from ccam.stages.pseudo_masks import cam_sources
 from ccam.stages.train_ccam import extra_inputs as ccam_settings, read_positional_indicator
@@ -85,23 +89,6 @@ def extra_inputs(ctx: StageContext) -> dict:
     return {**ccam_settings(ctx), "refine": rec.get("key") if rec else None}
 
 
-def left_right_pairs(classes: list[str]) -> list[tuple[int, int]]:
-    """(left label, right label) for every left/right twin among ``classes`` (labels are index + 1)."""
-    names = [c.lower() for c in classes]
-    pairs = []
-    for i, n in enumerate(names):
-        for left, right in LEFT_RIGHT_PREFIXES:
-            if n.startswith(left) and (right + n[len(left):]) in names:
-                pairs.append((i + 1, names.index(right + n[len(left):]) + 1))
-                break
-        else:
-            for left, right in (("_left", "_right"), ("_l", "_r")):
-                if n.endswith(left) and (n[: -len(left)] + right) in names:
-                    pairs.append((i + 1, names.index(n[: -len(left)] + right) + 1))
-                    break
-    return pairs
-
-
 class _RowMaps:
     """One row's maps of one case upsampled to the source in-plane size, in the canonical view (N, R, C).
 
@@ -131,11 +118,6 @@ class _RowMaps:
         return np.where(self.peak > tau, self.arg, 0)
 
 
-def confusion(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
-    """(C, C) voxel counts, rows = ground truth label, columns = predicted label."""
-    return np.bincount((gt * c + pred).ravel(), minlength=c * c).reshape(c, c)
-
-
 def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
     """(K,) Dice per foreground class of one case; NaN where the class is in neither (as ccam.metrics)."""
     inter = np.diag(cm)[1:].astype(np.float64)
@@ -144,17 +126,12 @@ def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
         return np.where(size > 0, 2 * inter / size, np.nan)
 
 
-def _ground_truth(case: PreparedCase, num_classes: int) -> np.ndarray:
-    """Ground-truth labels of one case in the canonical view (N, R, C) int64 (evaluation only)."""
-    vol = read_volume(case.mask_path, case=case.id)
-    if tuple(vol.array.shape) != tuple(case.geometry.shape):
-        raise UserError(f"mask grid {vol.array.shape} differs from the image grid {case.geometry.shape}", case=case.id,
-                        path=case.mask_path, fix="export the mask on the image's grid")
-    gt = np.ascontiguousarray(case.geometry.canonical_view(vol.array)).astype(np.int64)
-    if gt.min() < 0 or gt.max() > num_classes:
-        raise UserError(f"mask has labels outside 0..{num_classes}", case=case.id, path=case.mask_path,
-                        fix="labels must be 0 = background and k = classes[k-1]")
-    return gt
+def _ground_truth(case: PreparedCase, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth labels of one case (evaluation only): in the canonical view at the source in-plane
+    size (N, R, C) int64, and on the canonical S x S grid (N, S, S) uint8 (for the pointing game)."""
+    arr = read_ground_truth(case, num_classes).array
+    return (np.ascontiguousarray(case.geometry.canonical_view(arr)),
+            labels_from_source(case.geometry, arr, num_classes + 1))
 
 
 def _nanmean(a, axis=None):
@@ -181,8 +158,10 @@ def run(ctx: StageContext) -> dict:
 
     conf = np.zeros((len(rows), len(taus), len(cases), c, c), dtype=np.int64)  # every row, tau and case
     dice_cfg = np.full((len(rows), len(cases), k), np.nan)  # ccam.metrics at the configured tau
+    pointing: list = [None for _ in rows]  # tau-free Tally of where each row's CAM peaks (label rows: None)
     for ci, case in enumerate(tqdm(cases, desc="ablation", unit="case", dynamic_ncols=True)):
-        gt = _ground_truth(case, k)
+        gt, gt_small = _ground_truth(case, k)
+        tags = case.tags()
         plane = case.geometry.plane_shape
         cache: dict[str, torch.Tensor] = {}
         for ri, row in enumerate(rows):
@@ -191,6 +170,10 @@ def run(ctx: StageContext) -> dict:
             maps = cache[row.source]
             if row.anatomy and maps.is_floating_point():
                 maps = apply_positional_indicator(maps, m_s)
+            if maps.is_floating_point():
+                if pointing[ri] is None:
+                    pointing[ri] = Tally.zeros(k)
+                pointing[ri] += tally(maps.float().cpu().numpy(), gt_small, tags, TOLERANCE_PX)
             rm = _RowMaps(maps, plane, c)
             for ti, t in enumerate(taus):
                 conf[ri, ti, ci] = confusion(rm.at(t), gt, c)
@@ -208,11 +191,15 @@ def run(ctx: StageContext) -> dict:
             "configured": _summary(cohort, tau, _nanmean(dice_cfg[ri], axis=0), conf[ri, ti_cfg].sum(0), pairs),
             "oracle": _summary(cohort, taus[best], _nanmean(per_case[best], axis=0), conf[ri, best].sum(0), pairs),
             "sweep": {f"{t:g}": round(v, 4) for t, v in zip(taus, sweep)},
+            "pointing_hit_rate": None if pointing[ri] is None else
+            {name: _r(v) for name, v in zip(cohort.classes, pointing[ri].pointing_hit_rate())},
+            "pointing_slices": None if pointing[ri] is None else {name: int(v) for name, v in zip(cohort.classes, pointing[ri].slices)},
         })
     report = {
         "cohort": cohort.meta.get("name"), "classes": cohort.classes, "cases": [case.id for case in cases],
         "splits": sorted({case.split for case in cases}), "tau": tau, "tau_sweep": [float(t) for t in cfg.evaluate.tau_sweep],
         "left_right_pairs": [[cohort.classes[a - 1], cohort.classes[b - 1]] for a, b in pairs],
+        "pointing_tolerance_px": TOLERANCE_PX,
         "rows": report_rows,
     }
     text = render_markdown(report)
@@ -227,11 +214,7 @@ def run(ctx: StageContext) -> dict:
 
 def _summary(cohort: Cohort, tau: float, dice: np.ndarray, cm: np.ndarray, pairs: list[tuple[int, int]]) -> dict:
     """Dice per class (K,) and pooled confusion (C, C) -> the JSON block of one row at one tau."""
-    swap = {}
-    for left, right in pairs:
-        for a, b in ((left, right), (right, left)):
-            total = cm[a].sum()
-            swap[f"{cohort.classes[a - 1]}->{cohort.classes[b - 1]}"] = round(float(cm[a, b] / total), 5) if total else None
+    swap = {name: None if v is None else round(v, 5) for name, v in swap_rates(cm, pairs, cohort.classes).items()}
     return {"tau": tau, "dice": {name: _r(d) for name, d in zip(cohort.classes, dice)},
             "mean_dice": _r(_nanmean(dice)), "swap": swap}
 
@@ -269,6 +252,17 @@ def render_markdown(report: dict) -> str:
     out += table("configured")
     out += ["", "## At the oracle tau (oracle: chosen per row on ground truth from evaluate.tau_sweep; leakage, for reference only)", ""]
     out += table("oracle")
+    if any(r.get("pointing_hit_rate") for r in report["rows"]):
+        out += ["", "## Pointing game (against ground truth): hit rate (%) of the CAM peak", "",
+                f"Per class, the S x S slices tagged with it whose ground-truth region is non-empty; a hit = the class's "
+                f"CAM peak inside the organ grown by {report.get('pointing_tolerance_px', TOLERANCE_PX)} px. No tau involved.", "",
+                "| row | " + " | ".join(classes) + " | mean |", "|" + "---|" * (len(classes) + 2)]
+        for r in report["rows"]:
+            hit = r.get("pointing_hit_rate")
+            if not hit:
+                continue
+            vals = [hit[n] for n in classes if hit[n] is not None]
+            out.append(f"| {r['row']} | " + " | ".join(pct(hit[n]) for n in classes) + f" | {pct(float(np.mean(vals)) if vals else None)} |")
     if base is None:
         out += ["", "P-CAM has no finite mean Dice: no class was found in any case."]
     return "\n".join(out) + "\n"

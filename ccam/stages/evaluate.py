@@ -11,9 +11,14 @@ Also an **oracle** sweep of the background score tau on the CAM stacks (``sample
 of ``evaluate.tau_sweep``. The best tau is chosen by looking at ground truth, so it is reported
 as "oracle" and never used by the pipeline.
 
-Writes ``W/reports/evaluation.json`` and ``W/reports/evaluation.md`` (the folder is shared with
-other reports, so only these two files are touched) and prints the markdown to stdout; the stage
-record lives in ``W/evaluation/``.
+With ``evaluate.localisation`` (default on), the same CAM stacks get the localisation diagnostics
+of `ccam.localisation` on the training cases, per source and class, labelled as computed against
+ground truth: pointing-game hit rate, share of CAM mass inside the organ, P-CAM's occlusion drop,
+and contact sheets ``W/reports/localisation/<source>_<class>.png``.
+
+Writes ``W/reports/evaluation.json``, ``W/reports/evaluation.md`` and the contact sheets (the
+folder is shared with other reports, so only these files are touched) and prints the markdown to
+stdout; the stage record lives in ``W/evaluation/``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from ccam.errors import UserError
 from ccam.io.atomic import write_json, write_text
 from ccam.io.geometry import resize_slices
 from ccam.io.volume import read_volume
-from ccam.metrics import dice_per_class, surface_distances
+from ccam.localisation import Localisation, markdown_table as localisation_table
+from ccam.metrics import dice_per_class, read_ground_truth, surface_distances
 from ccam.runner import RECORD, Stage, StageContext, register
 
 log = logging.getLogger("ccam")
@@ -49,13 +55,15 @@ MASK_SOURCES = (
     ("refined", "refined_masks", "refined_masks"),
     ("predicted", "predictions", "predictions"),
 )
-# (name, folder holding the stage record, folder holding <case_id>.npy CAM stacks (N, K, S, S))
+# (name, folder holding the stage record, folder holding <case_id>.npy CAM stacks (N, K, S, S));
+# the localisation diagnostics use the same names ("coarse" is P-CAM's, so it gets the occlusion test)
 CAM_SOURCES = (
     ("coarse", "sample", "sample/cams"),
     ("pseudo", "pseudo_masks", "pseudo_masks/cams"),
 )
 METRICS = ("dice", "hd95_mm", "assd_mm")
 ORACLE_NOTE = "oracle: tau picked by Dice against ground truth; reported for comparison, never used by the pipeline"
+LOCALISATION_DIR = Path("reports") / "localisation"  # contact sheets <source>_<class>.png
 
 
 def _finished(workdir: Path, record_folder: str) -> Optional[dict]:
@@ -86,6 +94,9 @@ def extra_inputs(ctx: StageContext) -> dict:
             st = os.stat(m) if m and os.path.exists(m) else None
             gts.append([c["id"], m, st.st_size if st else None, st.st_mtime_ns if st else None])
     out["ground_truth"] = gts
+    if ctx.cfg.evaluate.localisation:  # the occlusion test runs P-CAM's checkpoint
+        p = ctx.workdir / "pcam" / RECORD
+        out["record:pcam"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
     return out
 
 
@@ -222,6 +233,23 @@ def markdown(report: dict) -> str:
             mean = "-" if o["mean_dice"] is None else f"{100 * o['mean_dice']:.1f}"
             lines.append(f"| {name} ({sw['cams']}) | {sw['n_cases']} | {o['tau']} (oracle) | " + " | ".join(cells) + f" | {mean} |")
         lines += ["", ORACLE_NOTE, ""]
+    loc = report.get("localisation")
+    if loc is not None and not loc.get("sources"):
+        lines += ["## Localisation (against ground truth)", "", loc["note"], ""]
+    elif loc is not None:
+        occ = (loc.get("settings") or {}).get("occlusion")
+        lines += ["## Localisation (against ground truth)", "",
+                  f"Training cases with ground truth ({loc['n_cases']}); per class the S x S slices that are tagged with it and "
+                  f"whose ground-truth region is non-empty. Pointing hit: CAM peak inside the organ grown by "
+                  f"{loc['settings']['tolerance_px']} px. CAM mass inside: CAM sum inside the organ / CAM sum, pooled over slices."
+                  + (f" Occlusion (P-CAM, {occ['model']}): mean sigmoid probability before / after the organ grown by "
+                     f"{occ['organ_dilation_px']} px is painted with the mean of a {occ['ring_px']} px ring around it, at most "
+                     f"{occ['max_slices_per_class']} slices per class." if occ else ""), ""]
+        lines += localisation_table(loc, classes)
+        sheets = [p for per in loc.get("contact_sheets", {}).values() for p in per.values()]
+        if sheets:
+            lines += ["", f"Contact sheets (image, white ground-truth contour, CAM heat map, + peak): {LOCALISATION_DIR}/"]
+        lines += ["", loc["note"], ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -239,18 +267,20 @@ def evaluate(ctx: StageContext) -> dict:
     per_stage: dict = {n: {} for n, _ in sources}
     sweeps: dict = {n: {"cases": [], "dice": []} for n, _ in cam_sources}
     taus = [float(t) for t in cfg.tau_sweep]
+    # fed case by case below, so each ground-truth mask is read once
+    loc = Localisation(ctx.workdir, ctx.cfg, cohort, sources=[(n, str(f)) for n, f in cam_sources], splits=("train",),
+                       occlusion_source="coarse", batch_size=ctx.cfg.cam.batch_size) if cfg.localisation and cam_sources else None
     for case in tqdm(with_gt, desc="evaluate", unit="case", dynamic_ncols=True):
         files = [(n, ctx.workdir / f / f"{case.id}.nii.gz") for n, f in sources]
         files = [(n, p) for n, p in files if p.exists()]
         cams = [(n, ctx.workdir / f / f"{case.id}.npy") for n, f in cam_sources]
         cams = [(n, p) for n, p in cams if p.exists() and case.split == "train"]  # tau is a training-set choice
-        if not files and not cams:
+        if not files and not cams and not (loc is not None and loc.wants(case)):
             continue
-        gt_vol = read_volume(case.mask_path, case=case.id)
-        gt = np.asarray(gt_vol.array).astype(np.int64)
-        if tuple(gt.shape) != tuple(case.geometry.shape):
-            raise UserError(f"ground-truth mask has shape {gt.shape}, the image {case.geometry.shape}", case=case.id,
-                            path=case.mask_path, fix="fix the mask in the manifest")
+        gt_vol = read_ground_truth(case)
+        gt = gt_vol.array
+        if loc is not None:
+            loc.add_case(case, gt)
         for name, path in files:
             pred = read_volume(path, case=case.id)
             if tuple(pred.array.shape) != tuple(gt.shape) or not np.allclose(pred.affine, gt_vol.affine, atol=1e-3):
@@ -287,10 +317,26 @@ def evaluate(ctx: StageContext) -> dict:
             "oracle": {"tau": taus[best], "mean_dice": float(per_tau[best]), "dice": dict(zip(classes, per_tau_class[best].tolist()))},
             "note": ORACLE_NOTE,
         }
+    localisation = None
+    if cfg.localisation:
+        localisation = loc.finish(ctx.workdir / LOCALISATION_DIR) if loc is not None else {
+            "note": "no CAMs to measure: stages sample and pseudo-masks have not run", "sources": {}}
+    _drop_stale_sheets(ctx.workdir / LOCALISATION_DIR, localisation or {}, classes)
     report = _clean({"cohort": cohort.meta.get("name", ""), "classes": classes, "surface_distances": cfg.surface_distances,
                      "units": {"dice": "fraction (0..1)", "hd95_mm": "mm", "assd_mm": "mm"},
-                     "stages": stages, "tau_sweep": tau_report})
+                     "stages": stages, "tau_sweep": tau_report,
+                     **({"localisation": localisation} if localisation is not None else {})})
     return report
+
+
+def _drop_stale_sheets(folder: Path, localisation: dict, classes: list[str]) -> None:
+    """Remove contact sheets this evaluation did not write (e.g. of a stage that no longer finished)."""
+    written = {Path(p).name for per in localisation.get("contact_sheets", {}).values() for p in per.values()}
+    for name, _, _ in CAM_SOURCES:
+        for cls in classes:
+            p = folder / f"{name}_{cls}.png"
+            if p.name not in written and p.exists():
+                p.unlink()
 
 
 def report_paths(workdir: Path) -> tuple[Path, Path]:
@@ -306,15 +352,17 @@ def run(ctx: StageContext) -> dict:
     click.echo(text)
     log.info("evaluate: wrote %s and %s", js, md)
     summary = {name: {split: s["dice"]["mean"]["mean"] for split, s in st["summary"].items()} for name, st in report["stages"].items()}
+    loc = {n: src["mean"]["pointing_hit_rate"] for n, src in (report.get("localisation") or {}).get("sources", {}).items()}
     return {"report": str(js), "markdown": str(md), "mean_dice": _clean(summary),
-            "oracle_tau": {n: sw["oracle"]["tau"] for n, sw in report["tau_sweep"].items()}}
+            "oracle_tau": {n: sw["oracle"]["tau"] for n, sw in report["tau_sweep"].items()},
+            **({"pointing_hit_rate_mean": loc} if loc else {})}
 
 
 STAGE = register(Stage(
     name="evaluate", folder="evaluation", sections=("evaluate",), needs=("prepare",), run=run, extra_inputs=extra_inputs,
-    help="Dice, HD95 and ASSD of every stage's masks against the manifest's ground truth (reports/evaluation.*).",
+    help="Dice, HD95 and ASSD of every stage's masks and CAM localisation per class against the manifest's ground truth (reports/evaluation.*).",
     examples="ccam evaluate --workdir runs/demo\n"
-             "ccam evaluate --workdir runs/big --set evaluate.surface_distances=false",
+             "ccam evaluate --workdir runs/big --set evaluate.surface_distances=false --set evaluate.localisation=false",
 ))
 
 
@@ -324,13 +372,14 @@ STAGE = register(Stage(
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
 @click.option("--force", is_flag=True, help="Run even if the stage is up to date.")
 def evaluate_cmd(workdir, config_file, sets, force) -> None:
-    """Evaluate every stage's masks against ground truth; writes W/reports/evaluation.{json,md}
-    and prints the table (also when the evaluation is up to date).
+    """Evaluate every stage's masks and the CAMs' localisation against ground truth; writes
+    W/reports/evaluation.{json,md} and W/reports/localisation/*.png and prints the tables (also
+    when the evaluation is up to date).
 
     \b
     Examples:
       ccam evaluate --workdir runs/demo
-      ccam evaluate --workdir runs/big --set evaluate.surface_distances=false
+      ccam evaluate --workdir runs/big --set evaluate.surface_distances=false --set evaluate.localisation=false
     """
     from ccam.cli import load_settings
     from ccam.runner import WorkdirLock, read_record, run_stage
