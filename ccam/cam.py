@@ -28,6 +28,8 @@ METHODS = ("cam", "gradcam", "gradcampp", "layercam")
 def _cam_at(model, images: torch.Tensor, size: tuple[int, int], **extra: torch.Tensor) -> torch.Tensor:
     feats = model.cam_features(images, **extra)
     cams = F.relu(F.conv2d(feats, model.classifier.weight))
+    if hasattr(model, "restrict"):  # the laterality prior the model was trained with
+        cams = model.restrict(cams, 0.0)
     return F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
 
 

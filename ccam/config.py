@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ccam.errors import UserError
 
@@ -40,8 +40,24 @@ class DataConfig(Section):
 
 
 class PCAMConfig(Section):
-    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"  # MONAI ResNet; 18 trains in minutes on a CPU
-    output_stride: Literal[8, 16] = 16  # paper: 16 (last stage dilated); 8 doubles CAM resolution for small S at ~2.5x cost
+    # MONAI ResNet (the paper's family; 18 trains in minutes on a CPU) or `local`: a 6-layer FCN with
+    # a 19-pixel receptive field whose CAMs land on the organs when trained from scratch (issue 13)
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "local"] = "resnet18"
+    # ResNets: 16 (paper; last stage dilated) or 8 (doubles CAM resolution at ~2.5x cost); local: 2 or 4
+    output_stride: Literal[2, 4, 8, 16] = 16
+    # gap: global average pooling (paper). topk: mean of the top `topk_fraction` of each class score
+    # map (a size prior: a class must fill a region, as in top-k MIL pooling of WILDCAT, Durand et
+    # al., CVPR 2017), so neither one landmark spot nor the whole body can carry the decision;
+    # exclusive_topk: the same on per-pixel class probabilities (softmax over background and the
+    # classes: organs do not overlap, so co-occurring twins cannot share one region)
+    pooling: Literal["gap", "topk", "exclusive_topk"] = "gap"
+    topk_fraction: float = Field(0.01, gt=0.0, le=1.0)  # ~ the smallest organ's share of the slice (a kidney: ~1 % at a 34 cm field of view)
+    positional: bool = False  # append x, y, x^2, y^2, xy maps to the features: each class learns where it tends to lie
+    # auto: a left/right twin (left_kidney / right_kidney) may only lie on its own side of the
+    # slice's centre column, in training and in its CAMs (twins look alike: only the side tells
+    # them apart, and the class names say which side); off: no such prior (paper)
+    laterality: Literal["auto", "off"] = "auto"
+    laterality_margin: float = Field(0.1, ge=0.0, le=1.0)  # share of the half-width a twin may cross the centre (patients lie off centre)
     width: float = Field(1.0, gt=0.0, le=4.0)  # channel multiplier (MONAI widen_factor); 1 = the standard ResNet, 0.5 ~ 1/4 FLOPs
     pretrained: Optional[str] = None  # local weights file; nothing is ever downloaded
     epochs: int = Field(10, ge=1)  # 10 passes over all training slices: enough for organ tags on a few thousand slices
@@ -57,6 +73,13 @@ class PCAMConfig(Section):
     aug_rotate_deg: float = Field(10.0, ge=0.0, le=180.0)  # small: patients lie supine, big rotations break the anatomy prior
     aug_translate: float = Field(0.0, ge=0.0, le=0.5)  # shift (share of the slice); 0: prepare already centres the field of view
     aug_intensity: float = Field(0.1, ge=0.0, le=1.0)  # +-10 % contrast/brightness/gamma: scanner and coil variation after normalisation
+
+    @model_validator(mode="after")
+    def _stride_fits_backbone(self):
+        allowed = (2, 4) if self.backbone == "local" else (8, 16)
+        if self.output_stride not in allowed:
+            raise ValueError(f"output_stride {self.output_stride} does not fit backbone {self.backbone} (use {' or '.join(map(str, allowed))})")
+        return self
 
 
 class CAMConfig(Section):

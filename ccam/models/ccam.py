@@ -4,7 +4,7 @@ Per slice, the coarse mask Coarse_i (from P-CAM, stage `sample`) asks "which cla
 slice look like?"; ``category_attention`` answers with a softmax A (1 x C) over the classes of
 the dataset-level global context M_GC (C, S, S), and the per-image location prior is
 M_c = Down(A M_GC), average-pooled to the feature grid. The classifier sees [F, M_c]
-(D + 1 channels): GAP + 1x1 conv to K logits, so CAMs come from the same code as P-CAM's
+(D + 1 channels): 1x1 conv to K score maps pooled as P-CAM's (GAP or top-k) to K logits, so CAMs come from the same code as P-CAM's
 (`ccam.cam.multiscale_cams(model, images, tags, scales, coarse=coarse)`).
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ccam.models.pcam import Backbone
+from ccam.models.pcam import POOLINGS, build_trunk, class_logits, restrict_to_side
 
 ENCODINGS = ("index", "onehot")
 
@@ -91,7 +91,8 @@ class CCAM(nn.Module):
     """
 
     def __init__(self, num_classes: int, global_context: torch.Tensor, backbone: str | nn.Module = "resnet18",
-                 output_stride: int = 16, coarse_encoding: str = "onehot", in_channels: int = 1):
+                 output_stride: int = 16, coarse_encoding: str = "onehot", in_channels: int = 1,
+                 pooling: str = "gap", topk_fraction: float = 0.01):
         """``backbone``: a ResNet name, or a trunk module with ``out_channels`` (e.g. P-CAM's, so the
         architecture always matches the P-CAM checkpoint it is initialised from)."""
         super().__init__()
@@ -101,13 +102,23 @@ class CCAM(nn.Module):
         if c != num_classes + 1 or s != s2:
             raise ValueError(f"global_context must be (K+1, S, S) = ({num_classes + 1}, S, S), got {tuple(global_context.shape)}")
         self.num_classes, self.grid_size, self.coarse_encoding = num_classes, s, coarse_encoding
-        self.backbone = Backbone(backbone, output_stride, in_channels) if isinstance(backbone, str) else backbone
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.pooling, self.topk_fraction = pooling, topk_fraction  # as P-CAM's, so the two heads pool alike
+        self.backbone = build_trunk(backbone, output_stride, in_channels) if isinstance(backbone, str) else backbone
         self.feature_dim = self.backbone.out_channels
         self.register_buffer("global_context", global_context.float().clone())
         self.category_attention = CategoryAttention(s, c, c if coarse_encoding == "onehot" else 1)
         self.fusion = FeatureFusion()
         self.cam_layer = "fusion"  # gradient CAM methods (`cam.method`) hook the fused features
         self.classifier = nn.Conv2d(self.feature_dim + 1, num_classes, kernel_size=1, bias=False)
+        # P-CAM's laterality prior (`ccam.models.pcam.restrict_to_side`), copied by `init_from_pcam`
+        self.register_buffer("sides", torch.zeros(num_classes))
+        self.register_buffer("side_margin", torch.tensor(0.1))
+
+    def restrict(self, maps: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Class maps (B, K, h, w) with ``fill`` on the side where the class may not lie."""
+        return restrict_to_side(maps, self.sides, float(self.side_margin), fill)
 
     def init_from_pcam(self, pcam_state: dict) -> None:
         """Backbone and the first D head weights from a P-CAM state dict; the M_c weight starts at 0."""
@@ -119,6 +130,9 @@ class CCAM(nn.Module):
         with torch.no_grad():
             self.classifier.weight.zero_()
             self.classifier.weight[:, : self.feature_dim] = w
+            for name in ("sides", "side_margin"):
+                if name in pcam_state:
+                    getattr(self, name).copy_(pcam_state[name])
         # P-CAM at step 0: logits and CAMs equal P-CAM's until the M_c weight is learned
 
     def _coarse_at_grid(self, coarse: torch.Tensor) -> torch.Tensor:
@@ -157,8 +171,7 @@ class CCAM(nn.Module):
     def forward(self, x: torch.Tensor, coarse: Optional[torch.Tensor] = None, warp: Optional[torch.Tensor] = None,
                 **extra: torch.Tensor) -> torch.Tensor:
         """Logits (B, K) for images (B, 1, H, W) and their coarse masks (B, [1,] S, S)."""
-        f = self.cam_features(x, coarse=coarse, warp=warp, **extra)
-        return self.classifier(F.adaptive_avg_pool2d(f, 1)).flatten(1)
+        return class_logits(self, self.cam_features(x, coarse=coarse, warp=warp, **extra))
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """Backbone (initialised from P-CAM) at ``lr``; the new head and attention at ``lr * head_lr_mult``."""

@@ -1,9 +1,17 @@
 """P-CAM: the slice classifier whose class activation maps start the pipeline.
 
 Backbone from MONAI's ResNet family (2D, one input channel), output stride 16 (or 8): the last
-stage(s) keep resolution with dilated convolutions instead of striding. Head = global average
-pooling + 1x1 convolution without bias (D -> K), so CAM_k = ReLU(sum_d w_{k,d} F_d) needs one
-forward pass for all classes.
+stage(s) keep resolution with dilated convolutions instead of striding. Head = 1x1 convolution
+without bias (D -> K) and a pooling of the class score maps to one logit per class: global
+average pooling (the paper) or top-k pooling; either way CAM_k = ReLU(sum_d w_{k,d} F_d) needs
+one forward pass for all classes.
+
+``backbone: local`` is a small-receptive-field fully convolutional trunk (`LocalTrunk`, issue 13):
+trained from scratch on a few hundred slices, a deep GAP ResNet answers "is the kidney in this
+slice?" from the slice's height in the body (spine, liver size, lungs) and its CAMs spread over
+the whole body; a trunk that sees ~20 pixels around each position, pooled by the mean of the k
+highest scores (a size prior: the class must fill about k pixels, not one landmark spot), can
+only answer from what lies at the organ (see the README's localisation table).
 """
 
 from __future__ import annotations
@@ -18,6 +26,126 @@ from monai.networks import nets
 from ccam.errors import UserError
 
 BACKBONES = {"resnet10": nets.resnet10, "resnet18": nets.resnet18, "resnet34": nets.resnet34, "resnet50": nets.resnet50}
+POOLINGS = ("gap", "topk", "exclusive_topk")
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LocalTrunk(nn.Module):
+    """Six 3x3 conv-BN-ReLU layers, one stride-2 step: (B, 1, S, S) -> F (B, 4w, S/2, S/2).
+
+    Receptive field 19 pixels (about 6.5 cm at S = 96 over a 34 cm field of view): enough to see
+    an organ's texture and edge, too little to read the slice's height from the spine, lungs or
+    the body outline. ``width`` w = base channels (64 x ``pcam.width``).
+    """
+
+    def __init__(self, width: int = 16, in_channels: int = 1, output_stride: int = 2):
+        super().__init__()
+        if output_stride not in (2, 4):
+            raise ValueError("the local trunk has output stride 2 or 4")
+        w = max(4, int(width))
+        second = 2 if output_stride == 4 else 1
+        self.layers = nn.Sequential(_conv_bn_relu(in_channels, w), _conv_bn_relu(w, w), _conv_bn_relu(w, 2 * w, 2),
+                                    _conv_bn_relu(2 * w, 2 * w, second), _conv_bn_relu(2 * w, 4 * w), _conv_bn_relu(4 * w, 4 * w))
+        self.out_channels = 4 * w
+        self.output_stride = output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PositionalChannels(nn.Module):
+    """A trunk's features plus 5 smooth position maps x, y, x^2, y^2, xy (each in [-1, 1] over the slice).
+
+    (B, 1, S, S) -> (B, D + 5, h, w). The 1x1 head weighs them per class, so a CAM gains an additive,
+    low-order preference for where its class lies (the liver on the patient's right, a left kidney
+    left of the spine) without the trunk being able to fire on position alone: the same position
+    maps appear on tagged and untagged slices, so only the image features can explain a tag.
+    """
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.out_channels = trunk.out_channels + 5
+        self.output_stride = trunk.output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        b, _, h, w = f.shape
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=f.device, dtype=f.dtype),
+                                torch.linspace(-1, 1, w, device=f.device, dtype=f.dtype), indexing="ij")
+        pos = torch.stack([xx, yy, xx * xx, yy * yy, xx * yy])[None].expand(b, 5, h, w)
+        return torch.cat([f, pos], dim=1)
+
+
+def class_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K) of a CAM model (``classifier``, ``pooling``, ``restrict``) from its features (B, D, h, w)."""
+    if model.pooling == "gap" and not bool(model.sides.any()):
+        return model.classifier(F.adaptive_avg_pool2d(features, 1)).flatten(1)  # pool first: K x cheaper
+    if model.pooling == "gap":
+        return model.restrict(model.classifier(features), 0.0).mean(dim=(2, 3))
+    return pool_scores(model.restrict(model.classifier(features), -1e4), model.pooling, model.topk_fraction)
+
+
+def build_trunk(name: str, output_stride: int, in_channels: int = 1, width: float = 1.0, positional: bool = False) -> nn.Module:
+    """A P-CAM trunk with ``out_channels`` and ``output_stride``: a MONAI ResNet or ``local``,
+    optionally with `PositionalChannels`."""
+    trunk = LocalTrunk(round(64 * width), in_channels, output_stride) if name == "local" else \
+        Backbone(name, output_stride, in_channels, width)
+    return PositionalChannels(trunk) if positional else trunk
+
+
+def restrict_to_side(maps: torch.Tensor, sides: torch.Tensor, margin: float, fill: float) -> torch.Tensor:
+    """Class maps (B, K, h, w) with ``fill`` where a class may not lie; sides (K,): +1, -1 or 0.
+
+    The slices are in the canonical view (columns run from the patient's right to left), so a
+    class with side +1 (the left twin of a pair, e.g. left_kidney) is kept on columns
+    x >= -margin (x in [-1, 1] over the slice: its left half plus a margin for a patient off
+    centre), -1 (right twin) on x <= margin, 0 everywhere: a 1/0 positional indicator from
+    anatomy, given by the class names rather than learned (twins look alike, so nothing in the
+    image tells which is which; only the side does).
+    """
+    if not bool(sides.any()):
+        return maps
+    x = torch.linspace(-1, 1, maps.shape[-1], device=maps.device, dtype=maps.dtype)
+    allowed = x[None, :] * sides.to(maps.dtype)[:, None] >= -margin  # (K, w)
+    return torch.where(allowed[None, :, None, :], maps, torch.full_like(maps, fill))
+
+
+def class_sides(classes: list[str]) -> list[float]:
+    """+1 for the left twin, -1 for the right twin of every left/right pair, 0 for other classes."""
+    from ccam.data.cohort import left_right_pairs
+
+    sides = [0.0] * len(classes)
+    for left, right in left_right_pairs(classes):
+        sides[left - 1], sides[right - 1] = 1.0, -1.0
+    return sides
+
+
+def pool_scores(maps: torch.Tensor, pooling: str = "gap", topk_fraction: float = 0.01) -> torch.Tensor:
+    """Class score maps (B, K, h, w) -> logits (B, K).
+
+    ``gap``: the mean (the paper; equal to the 1x1 head applied to GAP(F), the head being linear).
+    ``topk``: the mean of the ``topk_fraction`` x h x w highest scores of each map (at least one):
+    a class counts as present when some region of about that size scores high, so one small
+    landmark cannot carry the decision and the whole body cannot either.
+    ``exclusive_topk``: the classes compete per pixel (softmax over [background score 0, K scores]:
+    organs do not overlap, so one kidney's pixels cannot also explain the other kidney's tag), the
+    top-k mean of each class probability q_k is the slice probability; returns logit(q_k).
+    """
+    if pooling == "gap":
+        return maps.mean(dim=(2, 3))
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    flat = maps.flatten(2)
+    k = max(1, min(flat.shape[-1], int(round(topk_fraction * flat.shape[-1]))))
+    if pooling == "topk":
+        return flat.topk(k, dim=-1).values.mean(-1)
+    probs = torch.softmax(torch.cat([torch.zeros_like(flat[:, :1]), flat], dim=1), dim=1)[:, 1:]
+    q = probs.topk(k, dim=-1).values.mean(-1).clamp(1e-6, 1 - 1e-6)
+    return torch.log(q) - torch.log1p(-q)
 
 
 def _keep_resolution(layer: nn.Sequential, dilation: int) -> None:
@@ -60,7 +188,7 @@ class Backbone(nn.Module):
 
 
 class PCAM(nn.Module):
-    """Multi-label slice classifier; ``forward`` gives logits (B, K).
+    """Multi-label slice classifier; ``forward`` gives logits (B, K) (`pool_scores` of the CAM scores).
 
     ``cam_features(x) -> (B, D, h, w)`` and ``classifier`` (1x1 conv D -> K, no bias) are the
     interface `ccam.cam` uses for every CAM-producing model (C-CAM adds M_c to the features).
@@ -70,12 +198,23 @@ class PCAM(nn.Module):
     cam_layer = "backbone"
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", output_stride: int = 16, in_channels: int = 1,
-                 width: float = 1.0):
+                 width: float = 1.0, pooling: str = "gap", topk_fraction: float = 0.01, positional: bool = False,
+                 sides: list[float] | None = None, side_margin: float = 0.1):
         super().__init__()
-        self.backbone = Backbone(backbone, output_stride, in_channels, width)
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.backbone = build_trunk(backbone, output_stride, in_channels, width, positional)
         self.feature_dim = self.backbone.out_channels
         self.classifier = nn.Conv2d(self.feature_dim, num_classes, kernel_size=1, bias=False)
         self.num_classes = num_classes
+        self.pooling, self.topk_fraction = pooling, topk_fraction
+        # laterality prior (`restrict_to_side`); buffers, so a checkpoint carries them to every later stage
+        self.register_buffer("sides", torch.tensor(sides if sides is not None else [0.0] * num_classes, dtype=torch.float32))
+        self.register_buffer("side_margin", torch.tensor(float(side_margin)))
+
+    def restrict(self, maps: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Class maps (B, K, h, w) with ``fill`` on the side where the class may not lie."""
+        return restrict_to_side(maps, self.sides, float(self.side_margin), fill)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """F: (B, 1, S, S) -> (B, D, S/os, S/os)."""
@@ -86,12 +225,19 @@ class PCAM(nn.Module):
 
     def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         f = self.cam_features(x, **extra)
-        return self.classifier(F.adaptive_avg_pool2d(f, 1)).flatten(1)
+        return class_logits(self, f)
 
     @classmethod
-    def from_config(cls, pcam_cfg, num_classes: int) -> "PCAM":
-        """The P-CAM that the ``pcam`` config section describes (weights freshly initialised)."""
-        return cls(num_classes, pcam_cfg.backbone, pcam_cfg.output_stride, width=pcam_cfg.width)
+    def from_config(cls, pcam_cfg, num_classes: int, classes: list[str] | None = None) -> "PCAM":
+        """The P-CAM that the ``pcam`` config section describes (weights freshly initialised).
+
+        ``classes`` (names) set the laterality prior when ``pcam.laterality`` is auto; loaders may
+        omit them, the prior then comes with the checkpoint's buffers.
+        """
+        sides = class_sides(classes) if classes is not None and pcam_cfg.laterality == "auto" else None
+        return cls(num_classes, pcam_cfg.backbone, pcam_cfg.output_stride, width=pcam_cfg.width,
+                   pooling=pcam_cfg.pooling, topk_fraction=pcam_cfg.topk_fraction, positional=pcam_cfg.positional,
+                   sides=sides, side_margin=pcam_cfg.laterality_margin)
 
     def load_pretrained(self, path: str | Path) -> int:
         """Load local backbone weights (a ccam checkpoint or a plain state dict); returns tensors loaded.

@@ -88,7 +88,7 @@ def build_ccam(cfg, cohort: Cohort, global_context: np.ndarray) -> CCAM:
     enc = resolve_coarse_encoding(cfg.ccam.coarse_encoding, cohort.num_classes)
     trunk = PCAM.from_config(cfg.pcam, cohort.num_classes).backbone
     return CCAM(cohort.num_classes, torch.from_numpy(np.asarray(global_context, dtype=np.float32)),
-                backbone=trunk, coarse_encoding=enc)
+                backbone=trunk, coarse_encoding=enc, pooling=cfg.pcam.pooling, topk_fraction=cfg.pcam.topk_fraction)
 
 
 def load_trained_ccam(workdir: Path, cfg, cohort: Cohort, device: torch.device) -> CCAM:

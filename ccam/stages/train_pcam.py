@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> dict:
     train_set, val_set = SliceDataset(train_cases), SliceDataset(val_cases)
     device = select_device(cfg)
     seed_everything(cfg.runtime.seed)  # the initial weights depend on the seed only
-    model = PCAM.from_config(pc, cohort.num_classes)
+    model = PCAM.from_config(pc, cohort.num_classes, cohort.classes)
     if pc.pretrained:
         n = model.load_pretrained(pc.pretrained)
         log.info("train-pcam: %d backbone tensors from %s", n, pc.pretrained)
