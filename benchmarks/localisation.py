@@ -175,6 +175,7 @@ def measure(workdir: Path, rc: int, wall: float, split: str) -> dict:
     out.update({
         "classes": classes, "split": split,
         "coarse_dice": _dice(report, "coarse", split, classes), "pseudo_dice": _dice(report, "pseudo", split, classes),
+        "seg_test_dice": _dice(report, "predicted", "test", classes),
         "pointing_hit_rate": {c: coarse["classes"][c]["pointing_hit_rate"] for c in classes} if coarse else {},
         "cam_mass_inside_mean": (coarse.get("mean") or {}).get("cam_mass_inside"),
         "occlusion_drop_mean": ((coarse.get("mean") or {}).get("occlusion") or {}).get("drop"),
@@ -191,7 +192,7 @@ def _pct(v) -> str:
 
 
 def header(classes: list[str], swap_names: list[str]) -> str:
-    cols = (["config", "coarse Dice mean"] + [f"coarse {c}" for c in classes] + ["pseudo Dice mean"]
+    cols = (["config", "coarse Dice mean"] + [f"coarse {c}" for c in classes] + ["pseudo Dice mean", "segmenter Dice (test)"]
             + [f"pointing {c}" for c in classes] + ["CAM mass inside (mean)", "occlusion drop (mean)"]
             + [f"swap {s}" for s in swap_names] + ["train-pcam s"])
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
@@ -199,12 +200,12 @@ def header(classes: list[str], swap_names: list[str]) -> str:
 
 def row(name: str, m: dict, classes: list[str], swap_names: list[str]) -> str:
     if "classes" not in m:
-        cells = [name, f"FAILED (exit {m['rc']})"] + [""] * (len(classes) * 2 + 4 + len(swap_names)) + [str(m.get("train_pcam_s"))]
+        cells = [name, f"FAILED (exit {m['rc']})"] + [""] * (len(classes) * 2 + 5 + len(swap_names)) + [str(m.get("train_pcam_s"))]
         return "| " + " | ".join(cells) + " |"
     cd, pd = m["coarse_dice"], m["pseudo_dice"]
     drop = m["occlusion_drop_mean"]
     rates = m["swap"]["rates"]
-    cells = ([name, _pct(cd.get("mean"))] + [_pct(cd.get(c)) for c in classes] + [_pct(pd.get("mean"))]
+    cells = ([name, _pct(cd.get("mean"))] + [_pct(cd.get(c)) for c in classes] + [_pct(pd.get("mean")), _pct(m["seg_test_dice"].get("mean"))]
              + [_pct(m["pointing_hit_rate"].get(c)) for c in classes]
              + [_pct(m["cam_mass_inside_mean"]), "-" if drop is None else f"{drop:.3f}"]
              + [_pct(rates.get(s)) for s in swap_names] + [f"{m['train_pcam_s']:.0f}" if m["train_pcam_s"] is not None else "-"])

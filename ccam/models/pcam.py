@@ -9,9 +9,11 @@ one forward pass for all classes.
 ``backbone: local`` is a small-receptive-field fully convolutional trunk (`LocalTrunk`, issue 13):
 trained from scratch on a few hundred slices, a deep GAP ResNet answers "is the kidney in this
 slice?" from the slice's height in the body (spine, liver size, lungs) and its CAMs spread over
-the whole body; a trunk that sees ~20 pixels around each position, pooled by the mean of the k
-highest scores (a size prior: the class must fill about k pixels, not one landmark spot), can
-only answer from what lies at the organ (see the README's localisation table).
+the whole body; a trunk that sees 20-30 pixels around each position, pooled by the mean of the k
+highest scores (a size prior: the class must fill about k pixels, not one landmark spot), with
+the classes competing per pixel (``exclusive_topk``), smooth position maps (``positional``) and
+left/right twins kept on their side (``sides``), answers from what lies at the organ (see the
+README's localisation table).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class LocalTrunk(nn.Module):
-    """Six 3x3 conv-BN-ReLU layers, one stride-2 step: (B, 1, S, S) -> F (B, 4w, S/2, S/2).
+    """Six 3x3 conv-BN-ReLU layers, one or two stride-2 steps: (B, 1, S, S) -> F (B, 4w, S/os, S/os).
 
-    Receptive field 19 pixels (about 6.5 cm at S = 96 over a 34 cm field of view): enough to see
-    an organ's texture and edge, too little to read the slice's height from the spine, lungs or
-    the body outline. ``width`` w = base channels (64 x ``pcam.width``).
+    Receptive field 19 pixels at output stride 2, 27 at 4 (6.5 / 9.5 cm at S = 96 over a 34 cm
+    field of view): enough to see an organ's texture and edge, too little to read the slice's
+    height from the spine, lungs and body outline together. ``width`` w = base channels
+    (64 x ``pcam.width``).
     """
 
     def __init__(self, width: int = 16, in_channels: int = 1, output_stride: int = 2):
