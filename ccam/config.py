@@ -19,8 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ccam.errors import UserError
 
 
+_SWITCH_FIELDS = {"laterality", "flip", "flip_tta"}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_switches(cls, data):
+        # YAML 1.1 (and so `--set pcam.flip=off`) reads on/off as booleans: map them back to the words
+        if isinstance(data, dict):
+            data = {k: ("on" if v else "off") if k in _SWITCH_FIELDS and isinstance(v, bool) else v for k, v in data.items()}
+        return data
 
 
 class RuntimeConfig(Section):

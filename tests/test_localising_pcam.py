@@ -92,3 +92,11 @@ def test_stride_must_fit_the_backbone(prepared, cli):
     w = prepared(32)
     rc, _, err = cli("train-pcam", "--workdir", w, "--set", "pcam.backbone=local", "--set", "pcam.output_stride=16")
     assert rc == 2 and "output_stride" in err
+
+
+def test_on_off_switches_survive_yaml_booleans(prepared, cli):
+    """`--set pcam.laterality=off` is YAML for False; it must still mean "off"."""
+    w = prepared(32)
+    rc, _, err = cli("train-pcam", "--workdir", w, *LOCAL, "--set", "pcam.laterality=off", "--set", "pcam.flip=off")
+    assert rc == 0, err[-2000:]
+    assert not load_checkpoint(w / "pcam" / "checkpoint_final.pt")["model"]["sides"].any()
