@@ -322,18 +322,9 @@ def save_contact_sheet(path: str | Path, images: np.ndarray, organs: np.ndarray,
 
 def load_pcam_classifier(workdir: str | Path, cfg, num_classes: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     """P-CAM with the best weights of ``W/pcam`` (as stage `sample` loads it), in eval mode on ``device``."""
-    from ccam.models.pcam import PCAM
-    from ccam.training import best_or_final, load_model_weights
+    from ccam.models.pcam import load_trained_pcam
 
-    path = best_or_final(Path(workdir) / "pcam")
-    model = PCAM.from_config(cfg.pcam, num_classes)
-    try:
-        load_model_weights(model, path)
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.output_stride} "
-                        f"({str(e).splitlines()[0][:100]})", path=str(path),
-                        fix="evaluate with the settings P-CAM was trained with, or re-run `ccam train-pcam --force`")
-    return model.eval().to(device)
+    return load_trained_pcam(workdir, cfg, num_classes, device)
 
 
 # -- a whole work directory -----------------------------------------------------------------------

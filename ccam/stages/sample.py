@@ -28,25 +28,17 @@ from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path, save_npy
 from ccam.io.volume import write_label_map
-from ccam.models.pcam import PCAM
+from ccam.models.pcam import PCAM, load_trained_pcam
 from ccam.runner import Stage, StageContext, register
 from ccam.stages.train_pcam import use_flip
-from ccam.training import best_or_final, load_model_weights, select_device
+from ccam.training import select_device
 
 log = logging.getLogger("ccam")
 
 
 def load_pcam(workdir, cfg, num_classes: int, device: torch.device) -> PCAM:
-    """P-CAM with the best weights of ``W/pcam`` (by validation F1), in eval mode on ``device``."""
-    path = best_or_final(workdir / "pcam")
-    model = PCAM.from_config(cfg.pcam, num_classes)
-    try:
-        load_model_weights(model, path)
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.output_stride} "
-                        f"({str(e).splitlines()[0][:100]})", path=str(path),
-                        fix="re-run `ccam train-pcam --workdir W --force` with the current settings")
-    model.eval().to(device)
+    """P-CAM with the best weights of ``W/pcam``, in eval mode on ``device`` (`load_trained_pcam`)."""
+    model = load_trained_pcam(workdir, cfg, num_classes, device)
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last)  # ~15 % faster convolutions on CPU (oneDNN)
     return model
