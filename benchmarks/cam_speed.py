@@ -125,7 +125,7 @@ def main() -> None:
         size = a.size or cfg.data.slice_size
         model = PCAM.from_config(cfg.pcam, 4).eval()
         x = torch.rand(a.batch, 1, size, size)
-        source = f"fresh P-CAM ({cfg.pcam.backbone} OS{cfg.pcam.output_stride} width {cfg.pcam.width}), random slices"
+        source = f"fresh P-CAM ({cfg.pcam.backbone} OS{cfg.pcam.stride} width {cfg.pcam.width}), random slices"
     k = int(model.classifier.weight.shape[0])
     b, s = x.shape[0], x.shape[-1]
     tags = torch.ones(b, k)
@@ -168,7 +168,7 @@ def main() -> None:
             torch.save(model.state_dict(), Path(tmp) / "model.pt")
             torch.save(x, Path(tmp) / "x.pt")
             (Path(tmp) / "spec.json").write_text(json.dumps({
-                "k": k, "backbone": cfg.pcam.backbone, "output_stride": cfg.pcam.output_stride, "width": cfg.pcam.width,
+                "k": k, "backbone": cfg.pcam.backbone, "output_stride": cfg.pcam.stride, "width": cfg.pcam.width,
                 "threads": threads, "repeats": a.repeats}))
             env = dict(os.environ, PYTHONPATH=str(REPO))
             p = subprocess.run([str(GRADCAM_PY), __file__, "--gradcam-worker", tmp], capture_output=True, text=True, env=env)
@@ -207,10 +207,10 @@ def main() -> None:
     if not a.workdir:
         from ccam.config import Config
 
-        dflt = Config()  # the paper's settings: full-width ResNet-18 at output stride 16, S = 256
+        dflt = Config()  # the default settings (local P-CAM trunk since issue 13), S = 256
         big = PCAM.from_config(dflt.pcam, 4).eval().to(memory_format=torch.channels_last)
         xb = torch.rand(8, 1, dflt.data.slice_size, dflt.data.slice_size).contiguous(memory_format=torch.channels_last)
-        models.append((f"default config ({dflt.pcam.backbone} OS{dflt.pcam.output_stride} width {dflt.pcam.width}, "
+        models.append((f"default config ({dflt.pcam.backbone} OS{dflt.pcam.stride} width {dflt.pcam.width}, "
                        f"{xb.shape[0]} x {dflt.data.slice_size}^2)", big, xb))
     for label, mdl, xin in models:
         with FlopCounterMode(display=False) as fc:

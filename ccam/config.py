@@ -55,8 +55,8 @@ class PCAMConfig(Section):
     # a 19-pixel receptive field whose CAMs land on the organs when trained from scratch (issue 13)
     backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "local"] = "local"
     # ResNets: 16 (paper; last stage dilated) or 8 (doubles CAM resolution at ~2.5x cost); local: 2 or 4
-    # (4: receptive field 27 px, 2.5x faster than 2 and as good on the demo)
-    output_stride: Literal[2, 4, 8, 16] = 4
+    # (4: receptive field 27 px, 2.5x faster than 2 and as good on the demo); null: 4 for local, 16 for ResNets
+    output_stride: Optional[Literal[2, 4, 8, 16]] = None
     # gap: global average pooling (paper). topk: mean of the top `topk_fraction` of each class score
     # map (a size prior: a class must fill a region, as in top-k MIL pooling of WILDCAT, Durand et
     # al., CVPR 2017), so neither one landmark spot nor the whole body can carry the decision;
@@ -86,10 +86,15 @@ class PCAMConfig(Section):
     aug_translate: float = Field(0.0, ge=0.0, le=0.5)  # shift (share of the slice); 0: prepare already centres the field of view
     aug_intensity: float = Field(0.1, ge=0.0, le=1.0)  # +-10 % contrast/brightness/gamma: scanner and coil variation after normalisation
 
+    @property
+    def stride(self) -> int:
+        """The output stride in effect (``output_stride``, or the backbone's default when null)."""
+        return self.output_stride or (4 if self.backbone == "local" else 16)
+
     @model_validator(mode="after")
     def _stride_fits_backbone(self):
         allowed = (2, 4) if self.backbone == "local" else (8, 16)
-        if self.output_stride not in allowed:
+        if self.output_stride is not None and self.output_stride not in allowed:
             raise ValueError(f"output_stride {self.output_stride} does not fit backbone {self.backbone} (use {' or '.join(map(str, allowed))})")
         return self
 

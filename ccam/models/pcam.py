@@ -238,7 +238,7 @@ class PCAM(nn.Module):
         omit them, the prior then comes with the checkpoint's buffers.
         """
         sides = class_sides(classes) if classes is not None and pcam_cfg.laterality == "auto" else None
-        return cls(num_classes, pcam_cfg.backbone, pcam_cfg.output_stride, width=pcam_cfg.width,
+        return cls(num_classes, pcam_cfg.backbone, pcam_cfg.stride, width=pcam_cfg.width,
                    pooling=pcam_cfg.pooling, topk_fraction=pcam_cfg.topk_fraction, positional=pcam_cfg.positional,
                    sides=sides, side_margin=pcam_cfg.laterality_margin)
 
@@ -292,7 +292,7 @@ def load_trained_pcam(workdir: str | Path, cfg, num_classes: int, device: torch.
     try:
         load_model_weights(model, path)
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.output_stride} "
+        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.stride} "
                         f"({str(e).splitlines()[0][:100]})", path=str(path),
                         fix="use the settings P-CAM was trained with, or re-run `ccam train-pcam --workdir W --force`")
     return model.eval().to(device)

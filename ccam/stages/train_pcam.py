@@ -95,7 +95,7 @@ def run(ctx: StageContext) -> dict:
                      select="val_f1" if len(val_set) else None, mode="max", title="train-pcam")
     log.info("train-pcam: %d training slices (%d positive), %d validation slices, %s %s OS%d, flip %s, device %s",
              len(train_set), sum(int(c.tags().any(1).sum()) for c in train_cases), len(val_set), pc.backbone,
-             pc.optimizer, pc.output_stride, "on" if flip else "off", device)
+             pc.optimizer, pc.stride, "on" if flip else "off", device)
     if not len(val_set):
         log.warning("train-pcam: no validation cases; checkpoint_best is the final model")
 
