@@ -48,6 +48,7 @@ from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path
 from ccam.io.geometry import labels_from_source
+from ccam.models.pcam import load_trained_pcam
 
 log = logging.getLogger("ccam")
 
@@ -318,15 +319,6 @@ def save_contact_sheet(path: str | Path, images: np.ndarray, organs: np.ndarray,
     plt.close(fig)
 
 
-# -- model ----------------------------------------------------------------------------------------
-
-def load_pcam_classifier(workdir: str | Path, cfg, num_classes: int, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """P-CAM with the best weights of ``W/pcam`` (as stage `sample` loads it), in eval mode on ``device``."""
-    from ccam.models.pcam import load_trained_pcam
-
-    return load_trained_pcam(workdir, cfg, num_classes, device)
-
-
 # -- a whole work directory -----------------------------------------------------------------------
 
 def _r(v) -> Optional[float]:
@@ -398,7 +390,7 @@ class Localisation:
                 device = select_device(cfg)
             self.device = torch.device(device)
             try:
-                self.model = load_pcam_classifier(self.workdir, cfg, self.k, self.device)
+                self.model = load_trained_pcam(self.workdir, cfg, self.k, self.device)
             except UserError as e:  # a diagnostic must not sink the evaluation it is part of
                 log.warning("localisation: no occlusion test (%s)", e)
                 self.occlusion_source = None

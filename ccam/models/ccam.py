@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ccam.models.pcam import POOLINGS, build_trunk, class_logits, restrict_to_side
+from ccam.models.pcam import CAMHead, build_trunk, class_logits
 
 ENCODINGS = ("index", "onehot")
 
@@ -82,7 +82,7 @@ class FeatureFusion(nn.Module):
         return torch.cat([features, m_c.to(features.dtype)], dim=1)
 
 
-class CCAM(nn.Module):
+class CCAM(CAMHead):
     """Backbone + category attention + fused head over [F, M_c]; ``forward`` gives logits (B, K).
 
     ``global_context`` M_GC (C, S, S) is a buffer, so a checkpoint holds everything inference
@@ -102,9 +102,8 @@ class CCAM(nn.Module):
         if c != num_classes + 1 or s != s2:
             raise ValueError(f"global_context must be (K+1, S, S) = ({num_classes + 1}, S, S), got {tuple(global_context.shape)}")
         self.num_classes, self.grid_size, self.coarse_encoding = num_classes, s, coarse_encoding
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-        self.pooling, self.topk_fraction = pooling, topk_fraction  # as P-CAM's, so the two heads pool alike
+        # pooled as P-CAM's; the laterality prior is copied from P-CAM by `init_from_pcam`
+        self._init_head(num_classes, pooling, topk_fraction)
         self.backbone = build_trunk(backbone, output_stride, in_channels) if isinstance(backbone, str) else backbone
         self.feature_dim = self.backbone.out_channels
         self.register_buffer("global_context", global_context.float().clone())
@@ -112,13 +111,6 @@ class CCAM(nn.Module):
         self.fusion = FeatureFusion()
         self.cam_layer = "fusion"  # gradient CAM methods (`cam.method`) hook the fused features
         self.classifier = nn.Conv2d(self.feature_dim + 1, num_classes, kernel_size=1, bias=False)
-        # P-CAM's laterality prior (`ccam.models.pcam.restrict_to_side`), copied by `init_from_pcam`
-        self.register_buffer("sides", torch.zeros(num_classes))
-        self.register_buffer("side_margin", torch.tensor(0.1))
-
-    def restrict(self, maps: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Class maps (B, K, h, w) with ``fill`` on the side where the class may not lie."""
-        return restrict_to_side(maps, self.sides, float(self.side_margin), fill)
 
     def init_from_pcam(self, pcam_state: dict) -> None:
         """Backbone and the first D head weights from a P-CAM state dict; the M_c weight starts at 0."""

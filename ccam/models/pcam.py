@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks import nets
 
+from ccam.data.cohort import left_right_pairs
 from ccam.errors import UserError
 
 BACKBONES = {"resnet10": nets.resnet10, "resnet18": nets.resnet18, "resnet34": nets.resnet34, "resnet50": nets.resnet50}
@@ -92,6 +93,25 @@ def class_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return pool_scores(model.restrict(model.classifier(features), -1e4), model.pooling, model.topk_fraction)
 
 
+class CAMHead(nn.Module):
+    """What P-CAM and C-CAM share after the features: pooling settings and the laterality prior.
+
+    ``sides`` (K,) and ``side_margin`` are buffers, so a checkpoint carries them to every later stage.
+    """
+
+    def _init_head(self, num_classes: int, pooling: str, topk_fraction: float, sides: list[float] | None = None,
+                   side_margin: float = 0.1) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.pooling, self.topk_fraction = pooling, topk_fraction
+        self.register_buffer("sides", torch.tensor(sides if sides is not None else [0.0] * num_classes, dtype=torch.float32))
+        self.register_buffer("side_margin", torch.tensor(float(side_margin)))
+
+    def restrict(self, maps: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Class maps (B, K, h, w) with ``fill`` on the side where the class may not lie."""
+        return restrict_to_side(maps, self.sides, float(self.side_margin), fill)
+
+
 def build_trunk(name: str, output_stride: int, in_channels: int = 1, width: float = 1.0, positional: bool = False) -> nn.Module:
     """A P-CAM trunk with ``out_channels`` and ``output_stride``: a MONAI ResNet or ``local``,
     optionally with `PositionalChannels`."""
@@ -119,8 +139,6 @@ def restrict_to_side(maps: torch.Tensor, sides: torch.Tensor, margin: float, fil
 
 def class_sides(classes: list[str]) -> list[float]:
     """+1 for the left twin, -1 for the right twin of every left/right pair, 0 for other classes."""
-    from ccam.data.cohort import left_right_pairs
-
     sides = [0.0] * len(classes)
     for left, right in left_right_pairs(classes):
         sides[left - 1], sides[right - 1] = 1.0, -1.0
@@ -190,7 +208,7 @@ class Backbone(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class PCAM(nn.Module):
+class PCAM(CAMHead):
     """Multi-label slice classifier; ``forward`` gives logits (B, K) (`pool_scores` of the CAM scores).
 
     ``cam_features(x) -> (B, D, h, w)`` and ``classifier`` (1x1 conv D -> K, no bias) are the
@@ -204,20 +222,11 @@ class PCAM(nn.Module):
                  width: float = 1.0, pooling: str = "gap", topk_fraction: float = 0.01, positional: bool = False,
                  sides: list[float] | None = None, side_margin: float = 0.1):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self._init_head(num_classes, pooling, topk_fraction, sides, side_margin)
         self.backbone = build_trunk(backbone, output_stride, in_channels, width, positional)
         self.feature_dim = self.backbone.out_channels
         self.classifier = nn.Conv2d(self.feature_dim, num_classes, kernel_size=1, bias=False)
         self.num_classes = num_classes
-        self.pooling, self.topk_fraction = pooling, topk_fraction
-        # laterality prior (`restrict_to_side`); buffers, so a checkpoint carries them to every later stage
-        self.register_buffer("sides", torch.tensor(sides if sides is not None else [0.0] * num_classes, dtype=torch.float32))
-        self.register_buffer("side_margin", torch.tensor(float(side_margin)))
-
-    def restrict(self, maps: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Class maps (B, K, h, w) with ``fill`` on the side where the class may not lie."""
-        return restrict_to_side(maps, self.sides, float(self.side_margin), fill)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """F: (B, 1, S, S) -> (B, D, S/os, S/os)."""
