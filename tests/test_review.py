@@ -3,6 +3,7 @@ recording decisions, and how `train-seg` applies them (edited -> labels/final, r
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -91,7 +92,8 @@ def test_flags_on_broken_masks(work):
         reviews[cid] = (case, image)
     case, image = reviews["case000"]
     wrong = measure_case(case, image.array, swap_kidneys(gt["case000"]), image.affine, co.classes)
-    assert codes(wrong) == {("wrong_side", "left_kidney"), ("wrong_side", "right_kidney")}
+    # (swapped twins may also disagree with the kidneys' slice tags: their z-ranges differ)
+    assert {c for c in codes(wrong) if c[0] == "wrong_side"} == {("wrong_side", "left_kidney"), ("wrong_side", "right_kidney")}
     assert any("patient's right" in f["text"] for f in wrong["flags"] if f["class"] == "left_kidney")
     case, image = reviews["case001"]  # stored LPS: the slice index must follow the file's own order
     blob, s = liver_on_untagged_slice(gt["case001"], case)
@@ -156,7 +158,7 @@ def test_report_worst_first_with_pages_and_pictures(work, tmp_path):
         imgs = re.findall(r'<img src="([^"]+)"', page)
         assert len(imgs) >= 3 and all((out / "cases" / src).read_bytes()[:8] == PNG for src in imgs), cid
         assert "coronal.png" in page and "sagittal.png" in page
-    assert "lies on the patient's right" in (out / "cases" / "case000.html").read_text()
+    assert "lies on the patient's right" in html.unescape((out / "cases" / "case000.html").read_text())
     # the export beside the report: the images and machine masks to edit, and labels/final for the edits
     assert (out / "images" / "case000.nii.gz").exists() and (out / "labels" / "original" / "case000.nii.gz").exists()
     assert (out / "labels" / "final").is_dir()
@@ -309,7 +311,10 @@ def test_round_trip_decisions_change_training(work, cli, tmp_path):
     rc, _, err = cli("train-seg", "--workdir", work, *sets)
     assert rc == 0, err
     src = json.loads((work / "seg" / "mask_sources.json").read_text())
-    assert src[edited]["source"] == "edited" and rejected not in src
+    assert src[edited]["source"] == "edited" and src[edited]["decision"] == "edit"
+    assert src[edited]["file"] == str((out / "labels" / "final" / f"{edited}.nii.gz").resolve())
+    assert src[rejected] == {"source": None, "split": "train", "decision": "reject"}
+    assert all(v["source"] == "pseudo_masks" for c, v in src.items() if c not in (edited, rejected))
     assert rejected in err and "rejected" in err
     # unchanged decisions: up to date; a changed decision makes the stage stale
     rc, _, err = cli("train-seg", "--workdir", work, *sets)
@@ -317,4 +322,4 @@ def test_round_trip_decisions_change_training(work, cli, tmp_path):
     assert cli("review", "--workdir", work, "--decide", rejected, "accept")[0] == 0
     rc, _, err = cli("train-seg", "--workdir", work, *sets)
     assert rc == 0, err
-    assert rejected in json.loads((work / "seg" / "mask_sources.json").read_text())
+    assert json.loads((work / "seg" / "mask_sources.json").read_text())[rejected]["source"] == "pseudo_masks"

@@ -248,3 +248,17 @@ def apply_decisions(workdir: Path, sources: dict[str, tuple[str, Path]], final_d
              f" ({', '.join(by['edit'])} from the edited masks)" if by["edit"] else "", len(by["reject"]),
              f" ({', '.join(by['reject'])})" if by["reject"] else "")
     return out, used
+
+
+def mask_sources_table(sources: dict[str, tuple[str, Path]], decided: dict[str, dict], cohort) -> dict[str, dict]:
+    """``seg/mask_sources.json``: case -> {"source", "split"} plus, for decided cases, "decision" and the
+    edited "file"; rejected cases are listed with source None (they were left out)."""
+    table: dict[str, dict] = {}
+    for cid in sorted(set(sources) | set(decided)):
+        entry = {"source": sources[cid][0] if cid in sources else None, "split": cohort.case(cid).split}
+        if cid in decided:
+            entry["decision"] = decided[cid]["decision"]
+            if decided[cid].get("file"):
+                entry["file"] = decided[cid]["file"]
+        table[cid] = entry
+    return table
