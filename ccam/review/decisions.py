@@ -262,3 +262,30 @@ def mask_sources_table(sources: dict[str, tuple[str, Path]], decided: dict[str, 
                 entry["file"] = decided[cid]["file"]
         table[cid] = entry
     return table
+
+
+def reviewed_mask_files(workdir: Path, stage: str, final_dir: Optional[Path] = None) -> list[tuple[str, Path, str]]:
+    """The masks of ``stage`` after review: [(case id, mask NIfTI on the source grid, origin)], origin
+    "stage" (accepted or undecided), "edited" (``<final_dir>/<id>.nii.gz``); rejected cases left out."""
+    from ccam.data.cohort import Cohort
+    from ccam.review.flags import stage_masks
+
+    name, folder, _ = stage_masks(workdir, stage)
+    ids = {c.id for c in Cohort(workdir).cases}
+    decisions = load_decisions(workdir)
+    out = []
+    for f in sorted(folder.glob("*.nii.gz")):
+        cid = f.name[:-7]
+        if cid not in ids:
+            continue
+        d = decisions.get(cid, {}).get("decision")
+        if d == "reject":
+            continue
+        if d == "edit":
+            out.append((cid, require_edited_mask(workdir, cid, decisions[cid], final_dir), "edited"))
+        else:
+            out.append((cid, f, "stage"))
+    if not out:
+        raise UserError(f"no masks of stage '{name}' to export (none written, or every case rejected)", path=str(folder),
+                        fix=f"re-run `ccam {name} --workdir {workdir}` or review the decisions")
+    return out
