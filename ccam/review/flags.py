@@ -171,6 +171,7 @@ def add_cohort_flags(reviews: list[dict], classes: list[str]) -> list[dict]:
                                        "text": f"{name} volume {v:.1f} mL is far {what} than the cohort's median {med:.1f} mL "
                                                f"(robust z = {z:.1f})"})
     for r in reviews:
+        r["flags"].sort(key=lambda f: -WEIGHTS[f["code"]])  # the most serious first
         r["score"] = max(0, 100 - sum(WEIGHTS[f["code"]] for f in r["flags"]))
         r["flag_codes"] = sorted({f["code"] for f in r["flags"]}, key=lambda c: -WEIGHTS[c])
         r["flag_short"] = [SHORT[c] for c in r["flag_codes"]]
