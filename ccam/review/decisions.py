@@ -166,13 +166,19 @@ def decisions_hash(workdir: Path, final_dir: Optional[Path] = None) -> Optional[
     decisions = load_decisions(workdir)
     if not decisions:
         return None
-    from ccam.runner import sha256_file
-
     items = {}
     for cid, d in sorted(decisions.items()):
         f = edited_mask_file(cid, _final_dir(d, final_dir)) if d["decision"] == "edit" else None
         items[cid] = [d["decision"], sha256_file(f) if f is not None else None]
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def edited_stack(path: Path, case, num_classes: int) -> np.ndarray:
