@@ -65,7 +65,7 @@ def main() -> None:
     rep_path = w / "reports" / "evaluation.json"
     if rep_path.exists():
         rep = json.loads(rep_path.read_text())
-        from ccam.stages.demo import dice_table
+        from ccam.commands.demo import dice_table
 
         print("\nDice (%) per stage and class:\n")
         print(dice_table(rep))

@@ -7,13 +7,15 @@ User errors print one line and exit with status 2 (``--debug`` shows the traceba
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import sys
 from pathlib import Path
 
 import click
 
-from ccam import __version__
+from ccam import __version__, options
 from ccam import config as config_mod
 from ccam.errors import UserError
 
@@ -46,49 +48,28 @@ def cli(debug: bool, quiet: bool) -> None:
     _setup_logging(quiet)
 
 
-def common_options(f):
-    f = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")(f)
-    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")(f)
-    f = click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")(f)
-    return f
-
-
-def load_settings(workdir: str, config_file, sets, save: bool = True) -> config_mod.Config:
-    cfg = config_mod.resolve(Path(workdir), config_file, sets)
-    if save:
-        config_mod.save(cfg, Path(workdir))
-    from ccam.training import configure_threads
-
-    configure_threads(cfg)
-    return cfg
-
-
 def _make_stage_command(stage) -> click.Command:
     def callback(workdir, config_file, sets, force, **options):
         from ccam.runner import WorkdirLock, run_stage
 
         with WorkdirLock(Path(workdir)):
-            cfg = load_settings(workdir, config_file, sets)
+            cfg = config_mod.load_settings(workdir, config_file, sets)
             run_stage(Path(workdir), cfg, stage.name, options, force=force)
 
     help_text = stage.help + ("\n\n\b\nExamples:\n" + "\n".join("  " + line for line in stage.examples.splitlines()) if stage.examples else "")
     cmd = click.Command(stage.name, callback=callback, help=help_text, short_help=stage.help.split(". ")[0].rstrip("."))
-    params = [
-        click.Option(["--workdir", "-w"], required=True, type=click.Path(file_okay=False), help="Work directory of the run."),
-        click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml)."),
-        click.Option(["--set", "sets"], multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable)."),
-        click.Option(["--force"], is_flag=True, help="Run even if the stage is up to date (discards its partial state)."),
-    ]
-    cmd.params = params + list(stage.options)
+    cmd.params = options.params("workdir", "config", "set", "force") + list(stage.options)
     return cmd
 
 
-def _register_stage_commands() -> None:
-    import ccam.stages
-    from ccam.runner import STAGES
+def _register_commands() -> None:
+    """Every module of `ccam.commands` with a ``COMMANDS`` list, then a generated command for every other stage."""
+    import ccam.commands
+    from ccam.stages.base import STAGES
+    import ccam.runner  # noqa: F401  (registers the stages)
 
-    # custom commands of stage modules (e.g. `predict` with --input/--output) win over generated ones
-    for mod in ccam.stages.MODULES:
+    for info in pkgutil.iter_modules(ccam.commands.__path__):
+        mod = importlib.import_module(f"ccam.commands.{info.name}")
         for cmd in getattr(mod, "COMMANDS", []):
             cli.add_command(cmd)
     for st in STAGES.values():
@@ -96,8 +77,11 @@ def _register_stage_commands() -> None:
             cli.add_command(_make_stage_command(st))
 
 
+_register_stage_commands = _register_commands  # the name tests and scripts used
+
+
 @cli.command("status")
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False, exists=False), help="Work directory of the run.")
+@options.shared("workdir")
 @click.option("--pipeline", type=click.Path(dir_okay=False), help="Stage graph (default pipelines/ccam.yaml).")
 def status_cmd(workdir: str, pipeline) -> None:
     """Show each stage of the pipeline as done / stale / missing.
@@ -124,7 +108,7 @@ def status_cmd(workdir: str, pipeline) -> None:
 
 @cli.command("run")
 @click.option("--manifest", "-m", type=click.Path(dir_okay=False), help="Data manifest (needed until `prepare` is done).")
-@common_options
+@options.shared()
 @click.option("--pipeline", type=click.Path(dir_okay=False), help="Stage graph YAML (default pipelines/ccam.yaml).")
 @click.option("--until", "until", metavar="STAGE", help="Stop after this stage.")
 @click.option("--from", "from_", metavar="STAGE", help="Re-run from this stage on, even if up to date.")
@@ -140,7 +124,7 @@ def run_cmd(manifest, workdir, config_file, sets, pipeline, until, from_) -> Non
     from ccam.runner import WorkdirLock, run_pipeline
 
     with WorkdirLock(Path(workdir)):
-        cfg = load_settings(workdir, config_file, sets)
+        cfg = config_mod.load_settings(workdir, config_file, sets)
         ran = run_pipeline(Path(workdir), cfg, pipeline, manifest=manifest, until=until, from_=from_)
     if not ran:
         click.echo("ccam run: every stage is up to date, nothing to do.", err=True)
@@ -170,7 +154,7 @@ def phantom_cmd(out, cases, seed, modality) -> None:
 
 
 def main(argv=None) -> int:
-    _register_stage_commands()
+    _register_commands()
     try:
         cli.main(args=argv, prog_name="ccam", standalone_mode=False)
     except UserError as e:

@@ -219,9 +219,19 @@ class Config(Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
-    def section_hash(self, *names: str) -> str:
-        """sha256 of the named sections, stable across runs (sorted JSON)."""
-        payload = {n: getattr(self, n).model_dump(mode="json") for n in sorted(names)}
+    def keys_hash(self, keys, ignore=()) -> str:
+        """sha256 of the values of ``keys`` (``section`` or ``section.key``) without ``ignore``, stable across runs."""
+        data = self.model_dump(mode="json")
+        payload = {}
+        for key in sorted(keys):
+            node = data
+            for part in key.split("."):
+                node = node[part]
+            payload[key] = node
+        for key in ignore:
+            section, _, name = key.partition(".")
+            if isinstance(payload.get(section), dict):
+                payload[section] = {k: v for k, v in payload[section].items() if k != name}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -290,6 +300,24 @@ def resolve(workdir: Path | None = None, config_file: str | Path | None = None, 
         data = _deep_merge(data, _read_yaml(Path(config_file)))
     data = _deep_merge(data, parse_set(sets))
     return validate(data, source=str(config_file or "--set"))
+
+
+def load_settings(workdir, config_file=None, sets=(), save_to_workdir: bool = True) -> Config:
+    """The effective config of a command: ``W/config.yaml`` < ``--config`` < ``--set``; saved to W
+    (``save_to_workdir``) and torch's thread count applied."""
+    cfg = resolve(Path(workdir), config_file, sets)
+    if save_to_workdir:
+        save(cfg, Path(workdir))
+    apply_threads(cfg)
+    return cfg
+
+
+def apply_threads(cfg: Config) -> None:
+    """``runtime.num_threads`` > 0 sets torch's intra-op threads (0 keeps torch's default)."""
+    if cfg.runtime.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.num_threads)
 
 
 def save(cfg: Config, workdir: Path) -> None:

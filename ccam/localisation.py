@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path
 from ccam.io.geometry import labels_from_source
-from ccam.models.pcam import load_trained_pcam
 
 log = logging.getLogger("ccam")
 
@@ -57,8 +57,8 @@ OCCLUSION_ORGAN_PX = 2  # painted area = organ grown by 2 px, so its blurred rim
 OCCLUSION_RING_PX = 6  # fill value = mean of the ring out to 6 px: the local background, not the slice's
 OCCLUSION_MAX_SLICES = 200  # per class: two forward passes each, a few seconds on a CPU
 SHEET_SLICES = 12  # panels per contact sheet (3 rows of 4)
-# (source name, folder in W holding <case_id>.npy CAM stacks (N, K, S, S)); "coarse" is P-CAM's
-DEFAULT_SOURCES = (("coarse", "sample/cams"), ("pseudo", "pseudo_masks/cams"))
+# (source name, stage whose CAM stacks (N, K, S, S) it measures); "coarse" is P-CAM's
+DEFAULT_SOURCES = (("coarse", "sample"), ("pseudo", "pseudo-masks"))
 GT_NOTE = ("localisation diagnostics computed against the manifest's ground-truth masks (evaluation only; "
            "nothing here is used by the pipeline)")
 
@@ -341,8 +341,8 @@ class _Sheet:
 class Localisation:
     """The diagnostics of a work directory, accumulated case by case.
 
-    ``sources``: (name, folder in W) of CAM stacks ``<case_id>.npy`` (N, K, S, S); a case without a
-    file in a source is left out of that source. ``splits``: the cases measured (default the
+    ``sources``: (name, stage) of CAM stacks (N, K, S, S) (`ccam.artifacts.cam_stack`); a case without
+    a stack in a source is left out of that source. ``splits``: the cases measured (default the
     training cases, whose pseudo-masks train the segmenter). ``occlusion_source``: the source made
     by P-CAM, whose per-class entries get the occlusion test of ``W/pcam``'s best checkpoint
     (None or ``occlusion_slices=0``: no occlusion test). ``sheet_slices=0``: no contact sheets.
@@ -358,7 +358,9 @@ class Localisation:
                  device: torch.device | str | None = None, batch_size: int = 32):
         self.workdir, self.cfg, self.cohort = Path(workdir), cfg, cohort
         self.k, self.classes = cohort.num_classes, list(cohort.classes)
-        self.sources = [(n, str(f)) for n, f in sources]
+        self.sources = [(n, str(artifacts.cam_stack_path(self.workdir, st, "-").parent.relative_to(self.workdir)))
+                        for n, st in sources]  # (name, folder in W) for the report
+        self._stages = dict(sources)
         self.splits, self.tolerance = tuple(splits), int(tolerance)
         self.batch_size = batch_size
         self.cases = [c for c in cohort.cases if c.mask_path and c.split in self.splits]
@@ -376,12 +378,10 @@ class Localisation:
         self.occ_pick: dict[int, dict[str, np.ndarray]] = {}
         self.model_path: Optional[str] = None
         if self.occlusion_source is not None:
-            from ccam.training import best_or_final
-
             try:
-                self.model_path = str(best_or_final(self.workdir / "pcam").relative_to(self.workdir))
+                self.model_path = str(artifacts.checkpoint(self.workdir, "train-pcam").relative_to(self.workdir))
             except UserError:
-                log.warning("localisation: no P-CAM checkpoint in %s; no occlusion test", self.workdir / "pcam")
+                log.warning("localisation: no P-CAM checkpoint in %s; no occlusion test", artifacts.stage_dir(self.workdir, "train-pcam"))
                 self.occlusion_source = None
         if self.occlusion_source is not None:
             if device is None:
@@ -390,7 +390,7 @@ class Localisation:
                 device = select_device(cfg)
             self.device = torch.device(device)
             try:
-                self.model = load_trained_pcam(self.workdir, cfg, self.k, self.device)
+                self.model = artifacts.load_pcam(self.workdir, cfg, self.k, self.device)
             except UserError as e:  # a diagnostic must not sink the evaluation it is part of
                 log.warning("localisation: no occlusion test (%s)", e)
                 self.occlusion_source = None
@@ -413,14 +413,10 @@ class Localisation:
         small = labels_from_source(geom, np.asarray(gt), self.k + 1)  # (N, S, S) uint8, as evaluate's masks
         tags = self._tags[case.id]
         slices = None
-        for name, folder in self.sources:
-            path = self.workdir / folder / f"{case.id}.npy"
-            if not path.exists():
+        for name, _ in self.sources:
+            if not artifacts.cam_stack_path(self.workdir, self._stages[name], case.id).exists():
                 continue
-            stack = np.load(path, mmap_mode="r")
-            if stack.ndim != 4 or stack.shape[0] != case.n_slices or stack.shape[1] != self.k or stack.shape[2:] != small.shape[1:]:
-                raise UserError(f"CAM stack has shape {stack.shape}, expected ({case.n_slices}, {self.k}, {geom.size}, {geom.size})",
-                                case=case.id, path=str(path), fix="re-run the stage that wrote it")
+            stack = artifacts.cam_stack(self.workdir, self._stages[name], case, self.k)
             self.case_ids[name].append(case.id)
             for a in range(0, case.n_slices, chunk):  # bounded memory: a big CT stack is hundreds of MB as float32
                 self.tallies[name] += tally(np.asarray(stack[a:a + chunk], dtype=np.float32), small[a:a + chunk],
@@ -508,7 +504,7 @@ def localisation_report(workdir: str | Path, cfg, cohort: Optional[Cohort] = Non
     workdir = Path(workdir)
     cohort = cohort if cohort is not None else Cohort(workdir)
     sources = options.pop("sources", DEFAULT_SOURCES)
-    sources = [(n, f) for n, f in sources if (workdir / f).is_dir()]
+    sources = [(n, st) for n, st in sources if artifacts.cam_stack_path(workdir, st, "-").parent.is_dir()]
     loc = Localisation(workdir, cfg, cohort, sources=sources, **options)
     loader = gt_loader or ground_truth_loader(cohort.num_classes)
     for case in tqdm(loc.cases, desc="localisation", unit="case", dynamic_ncols=True, disable=not progress):

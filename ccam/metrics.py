@@ -116,3 +116,48 @@ def swap_rates(cm: np.ndarray, pairs: list[tuple[int, int]], classes: list[str])
             total = cm[a].sum()
             out[f"{classes[a - 1]}->{classes[b - 1]}"] = float(cm[a, b] / total) if total else None
     return out
+
+
+def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """(..., K) Dice per foreground class from (..., C, C) confusion; NaN where the class is in neither (as `dice_per_class`)."""
+    cm = np.asarray(cm)
+    inter = np.diagonal(cm, axis1=-2, axis2=-1)[..., 1:].astype(np.float64)
+    size = cm.sum(-2)[..., 1:] + cm.sum(-1)[..., 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(size > 0, 2 * inter / size, np.nan)
+
+
+def tau_confusions(cams: np.ndarray, gt: np.ndarray, plane: tuple[int, int], taus: Sequence[float], chunk: int = 16) -> np.ndarray:
+    """(T, C, C) confusion against ground truth of argmax([tau, CAMs]) for every tau of ``taus`` at once: the tau sweep.
+
+    ``cams`` (N, K, S, S) are upsampled bilinearly to the source in-plane size ``plane`` (as
+    `ccam.io.geometry.scores_to_source` does) and compared with ``gt`` (N, R, C), the ground truth
+    in the same canonical slice order, a chunk of slices at a time. argmax([tau, CAMs]) is class
+    k+1 exactly where the largest CAM is class k's and exceeds tau (ties go to background, as in
+    the argmax; tau compared in float32 as the pipeline's score maps are), so one sort of those
+    peak values per (truth, class) gives the counts for every tau.
+    """
+    from ccam.io.geometry import resize_slices
+
+    n, k = cams.shape[0], cams.shape[1]
+    c = k + 1
+    tau_arr = np.asarray(taus, dtype=np.float32)
+    fg = np.zeros((len(tau_arr), c, k), dtype=np.int64)  # truth j, predicted k+1
+    truth_total = np.zeros(c, dtype=np.int64)
+
+    def above(values: np.ndarray) -> np.ndarray:  # (T,) how many values exceed each tau
+        return values.size - np.searchsorted(np.sort(values), tau_arr, side="right")
+
+    for a in range(0, n, chunk):
+        up = resize_slices(torch.as_tensor(np.asarray(cams[a:a + chunk], dtype=np.float32)), plane)
+        peak, cls = (t.numpy() for t in up.max(1))  # (b, R, C) largest CAM and its class
+        g = np.asarray(gt[a:a + chunk])
+        for j in range(c):
+            truth = g == j
+            truth_total[j] += int(truth.sum())
+            for kk in range(k):
+                fg[:, j, kk] += above(peak[truth & (cls == kk)])
+    cm = np.zeros((len(tau_arr), c, c), dtype=np.int64)
+    cm[:, :, 1:] = fg
+    cm[:, :, 0] = truth_total[None] - fg.sum(-1)
+    return cm

@@ -1,158 +1,34 @@
-"""Stage runner (DESIGN section 4): records, skip/resume, staleness, work-directory lock.
+"""Stage runner (DESIGN section 4): skip/resume, pipelines, work-directory lock.
 
-Every stage folder gets ``_stage.json`` written last and atomically. Its ``key`` is a hash of
-the config sections the stage reads, the records of the stages it needs, and its extra inputs
-(manifest bytes, a masks folder...). A stage whose record matches is skipped; a changed key makes
-it, and through the upstream records everything downstream, stale. A stage whose run crashed
-keeps its folder when it is started again with the same key, so training resumes from its last
-checkpoint; with a different key the folder is cleared first.
+What a stage is, its record, key and status live in `ccam.stages.base`; this module runs them.
+A stage whose record matches is skipped; a changed key makes it, and everything downstream,
+stale. A stage whose run crashed keeps its folder when it is started again with the same key,
+so training resumes from its last checkpoint; with a different key the folder is cleared first.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import yaml
 
+import ccam.stages
 from ccam import __version__
 from ccam.config import Config
 from ccam.errors import UserError
 from ccam.io.atomic import write_json
+from ccam.stages.base import RECORD, STARTED, StageContext, get_stage, input_key, read_record, stage_status
 
 log = logging.getLogger("ccam")
-RECORD = "_stage.json"
-STARTED = "_started.json"
+ccam.stages.load_all()  # registers every stage
 REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-
-
-@dataclass
-class Stage:
-    """A pipeline stage: ``run(ctx)`` reads earlier stages' folders and writes its own."""
-
-    name: str  # CLI command, e.g. "train-pcam"
-    folder: str  # folder in the work directory, e.g. "pcam"
-    sections: tuple[str, ...]  # config sections read (hashed into the key)
-    needs: tuple[str, ...]  # stages whose outputs are read
-    run: Callable[["StageContext"], Optional[dict]]
-    help: str = ""
-    examples: str = ""
-    extra_inputs: Optional[Callable[["StageContext"], dict]] = None  # more things hashed into the key
-    options: list = field(default_factory=list)  # extra click.Option objects for its command
-
-
-STAGES: dict[str, Stage] = {}
-
-
-def register(stage: Stage) -> Stage:
-    STAGES[stage.name] = stage
-    return stage
-
-
-def get_stage(name: str) -> Stage:
-    import ccam.stages  # noqa: F401  (registers the stages)
-
-    if name not in STAGES:
-        raise UserError(f"unknown stage '{name}'", fix=f"choose one of: {', '.join(STAGES)}")
-    return STAGES[name]
-
-
-@dataclass
-class StageContext:
-    workdir: Path
-    cfg: Config
-    stage: Stage
-    options: dict = field(default_factory=dict)
-
-    @property
-    def dir(self) -> Path:
-        return self.workdir / self.stage.folder
-
-    def stage_dir(self, name: str) -> Path:
-        """Folder of another (upstream) stage."""
-        return self.workdir / get_stage(name).folder
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_folder(path: Path, pattern: str = "*") -> str:
-    """Hash of names and contents of the files matching ``pattern`` in a folder (sorted)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(path).glob(pattern)):
-        if p.is_file() and not p.name.startswith("."):
-            h.update(p.name.encode())
-            h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
-def read_record_in(folder: Path) -> Optional[dict]:
-    """The `_stage.json` of a stage folder, or None when absent or unreadable."""
-    p = Path(folder) / RECORD
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-
-
-def read_record(workdir: Path, stage: Stage) -> Optional[dict]:
-    return read_record_in(workdir / stage.folder)
-
-
-def _record_digest(workdir: Path, stage: Stage) -> Optional[str]:
-    p = workdir / stage.folder / RECORD
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
-
-
-def input_key(ctx: StageContext) -> tuple[str, dict]:
-    st = ctx.stage
-    inputs: dict[str, Any] = {"config": ctx.cfg.section_hash(*st.sections)}
-    for up in st.needs:
-        inputs[up] = _record_digest(ctx.workdir, get_stage(up))
-    if st.extra_inputs is not None:
-        inputs.update(st.extra_inputs(ctx))
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return key, inputs
-
-
-def stage_status(workdir: Path, cfg: Config, name: str, _memo: Optional[dict] = None) -> str:
-    """'done', 'stale' or 'missing'. A stage is stale when its key changed or anything upstream is not done."""
-    memo = {} if _memo is None else _memo
-    if name in memo:
-        return memo[name]
-    st = get_stage(name)
-    rec = read_record(workdir, st)
-    if rec is None:
-        memo[name] = "missing"
-        return "missing"
-    status = "done"
-    for up in st.needs:
-        if stage_status(workdir, cfg, up, memo) != "done":
-            status = "stale"
-    if status == "done":
-        try:
-            key, _ = input_key(StageContext(workdir, cfg, st, dict(rec.get("options", {}))))
-        except UserError:
-            key = None
-        if key != rec.get("key"):
-            status = "stale"
-    memo[name] = status
-    return status
 
 
 def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = None, force: bool = False) -> dict:

@@ -31,11 +31,6 @@ def select_device(cfg) -> torch.device:
     return torch.device(want)
 
 
-def configure_threads(cfg) -> None:
-    if cfg.runtime.num_threads > 0:
-        torch.set_num_threads(cfg.runtime.num_threads)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccam.anatomy import apply_positional_indicator, positional_indicator
+from ccam.anatomy import anatomy_chain, down_indicator
 from ccam.cam import coarse_labels, multiscale_cams
 from ccam.models.ccam import CCAM, CategoryAttention, encode_coarse, resolve_coarse_encoding
 from ccam.models.pcam import PCAM
@@ -84,9 +84,9 @@ def test_anatomy_chain_sets_a_class_to_background_where_m_s_is_0(cam_size):
     k = 4
     m_s = (torch.rand(k + 1, S, S) > 0.5).to(torch.uint8)
     cams = torch.rand(2, k, cam_size, cam_size)
-    ind = positional_indicator(m_s, (cam_size, cam_size))
+    ind = down_indicator(m_s, (cam_size, cam_size))
     assert set(ind.unique().tolist()) <= {0.0, 1.0}
-    labels = coarse_labels(apply_positional_indicator(cams, m_s), tau=0.05)
+    labels = coarse_labels(anatomy_chain(cams, m_s), tau=0.05)
     for cls in range(1, k + 1):
         assert not ((labels == cls) & (ind[cls - 1] == 0)[None]).any()
         assert ((labels == cls) & (ind[cls - 1] == 1)[None]).any()  # elsewhere the class survives

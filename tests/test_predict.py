@@ -106,7 +106,10 @@ def test_geometry_round_trip_ras_lps_slice_first_mha(trained, orientations, cli,
         assert np.array_equal(canon[cid], canon["lps"]), cid
     gt = _canonical(orientations / "gt" / "ras.nii.gz")
     liver = dice_per_class(canon["ras"], gt, 4)[0]
-    assert liver > 0.5, f"the liver prediction is not on the liver (Dice {liver:.2f})"
+    mirrored = dice_per_class(canon["ras"][::-1], gt, 4)[0]  # what a left/right error in the geometry would give
+    # five training patients and 12 epochs: the Dice on this unseen patient depends on the seed (0.27-0.75 over
+    # seeds 0-3), so the check is that it lands on the liver, and far better than the mirrored geometry would
+    assert liver > 0.2 and liver > 2 * mirrored, f"the liver prediction is not on the liver (Dice {liver:.2f}, mirrored {mirrored:.2f})"
 
 
 def test_dicom_series_input(trained, orientations, cli, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from ccam import config as config_mod
 from ccam.data.cohort import Cohort
 from ccam.data.phantom import make_phantom_volume
-from ccam.runner import STAGES, Stage, WorkdirLock, register, run_stage, stage_status
+from ccam.runner import WorkdirLock, run_stage
+from ccam.stages.base import STAGES, Stage, register, stage_status
 
 
 def _single_orientation_cohort(tmp_path: Path) -> Path:

@@ -141,7 +141,7 @@ def test_sample_eps_reruns_and_narrows_positional_indicator(trained, cli):
     assert np.array_equal(m_s, (m_gc > 0.05).astype(np.uint8))
     # anatomy.enabled belongs to later stages: changing it must not make sample stale
     from ccam.config import resolve
-    from ccam.runner import stage_status
+    from ccam.stages.base import stage_status
 
     assert stage_status(w, resolve(w, sets=["anatomy.enabled=false"]), "sample") == "done"
 

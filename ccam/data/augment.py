@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ccam.data.cohort import has_left_right_pair
+
 
 def _uniform(n: int, lo: float, hi: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=generator)
@@ -105,3 +107,10 @@ class SliceAugment:
     @classmethod
     def from_pcam(cls, pcam_cfg, flip: bool) -> "SliceAugment":
         return cls(tuple(pcam_cfg.aug_scale), pcam_cfg.aug_rotate_deg, flip, pcam_cfg.aug_intensity, pcam_cfg.aug_translate)
+
+
+def use_flip(setting: str, classes: list[str]) -> bool:
+    """``auto`` flips only when no class has a left/right twin (a flip swaps left and right organs)."""
+    if setting == "auto":
+        return not has_left_right_pair(classes)
+    return setting == "on"

@@ -27,16 +27,7 @@ LEFT_RIGHT_PREFIXES = (("left_", "right_"), ("l_", "r_"), ("left", "right"))
 
 def has_left_right_pair(classes: list[str]) -> bool:
     """True when the class list holds a left/right twin (e.g. left_kidney / right_kidney)."""
-    names = [c.lower() for c in classes]
-    for left, right in LEFT_RIGHT_PREFIXES:
-        for n in names:
-            if n.startswith(left) and (right + n[len(left):]) in names:
-                return True
-    for n in names:
-        for a, b in (("_left", "_right"), ("_l", "_r")):
-            if n.endswith(a) and (n[: -len(a)] + b) in names:
-                return True
-    return False
+    return bool(left_right_pairs(classes))
 
 
 def left_right_pairs(classes: list[str]) -> list[tuple[int, int]]:

@@ -23,29 +23,27 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from ccam import __version__
+from ccam import __version__, artifacts
 from ccam.data.cohort import Cohort
 from ccam.errors import UserError
 from ccam.export.labels import write_label_descriptions
 from ccam.io.atomic import atomic_path, write_json
+from ccam.io.hashing import sha256_file
 from ccam.io.volume import Volume, read_volume, write_label_map
+from ccam.stages.base import folder_of
 
 log = logging.getLogger("ccam")
 
-# stage -> (folder of its record, folder of its <id>.nii.gz masks, folders whose checkpoints made them)
+# stage -> (folder of its record, folder of its <id>.nii.gz masks, folders whose checkpoints made them), relative to W
 EXPORTABLE = {
-    "sample": ("sample", "sample/coarse_masks", ("pcam",)),
-    "pseudo-masks": ("pseudo_masks", "pseudo_masks", ("pcam", "ccam")),
-    "refine": ("refined_masks", "refined_masks", ("pcam", "ccam", "refined_masks")),
-    "predict": ("predictions", "predictions", ("pcam", "ccam", "refined_masks", "seg")),
+    name: (folder_of(name), str(artifacts.mask_dir(Path(), name)), tuple(folder_of(m) for m in artifacts.MODELS_BEHIND[name]))
+    for name in artifacts.MASKS
 }
 ALIASES = {"coarse": "sample", "coarse_masks": "sample", "pseudo": "pseudo-masks", "pseudo_masks": "pseudo-masks",
            "refined": "refine", "refined_masks": "refine", "predicted": "predict", "predictions": "predict"}
 
 
 def _sha(path: Path) -> str:
-    from ccam.runner import sha256_file
-
     return sha256_file(path)
 
 

@@ -169,3 +169,15 @@ class CCAM(CAMHead):
         """Backbone (initialised from P-CAM) at ``lr``; the new head and attention at ``lr * head_lr_mult``."""
         head = list(self.classifier.parameters()) + list(self.category_attention.parameters())
         return [{"params": self.backbone.parameters(), "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+
+
+def build_ccam(cfg, cohort, global_context) -> CCAM:
+    """C-CAM on a trunk built exactly as P-CAM's (``pcam`` settings); M_GC (C, S, S) as its buffer."""
+    import numpy as np
+
+    from ccam.models.pcam import PCAM
+
+    enc = resolve_coarse_encoding(cfg.ccam.coarse_encoding, cohort.num_classes)
+    trunk = PCAM.from_config(cfg.pcam, cohort.num_classes).backbone
+    return CCAM(cohort.num_classes, torch.from_numpy(np.asarray(global_context, dtype=np.float32)),
+                backbone=trunk, coarse_encoding=enc, pooling=cfg.pcam.pooling, topk_fraction=cfg.pcam.topk_fraction)

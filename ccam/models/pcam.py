@@ -287,21 +287,3 @@ class PCAM(CAMHead):
         """Backbone at ``lr``, head at ``lr * head_lr_mult`` (the paper's 10x)."""
         return [{"params": self.backbone.parameters(), "lr": lr},
                 {"params": self.classifier.parameters(), "lr": lr * head_lr_mult}]
-
-
-def load_trained_pcam(workdir: str | Path, cfg, num_classes: int, device: torch.device | str = "cpu") -> PCAM:
-    """P-CAM with the best weights of ``W/pcam`` (by validation F1, else the final ones), in eval mode on ``device``.
-
-    A checkpoint that does not fit the configured architecture is a UserError naming the settings.
-    """
-    from ccam.training import best_or_final, load_model_weights
-
-    path = best_or_final(Path(workdir) / "pcam")
-    model = PCAM.from_config(cfg.pcam, num_classes)
-    try:
-        load_model_weights(model, path)
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.stride} "
-                        f"({str(e).splitlines()[0][:100]})", path=str(path),
-                        fix="use the settings P-CAM was trained with, or re-run `ccam train-pcam --workdir W --force`")
-    return model.eval().to(device)

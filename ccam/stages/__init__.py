@@ -1,14 +1,19 @@
-"""One module per stage command; importing this package registers them all, in pipeline order.
+"""One module per pipeline stage; `load_all` imports them, which registers each with `ccam.stages.base`.
 
-A module registers its `Stage` with `ccam.runner.register`; it may also export extra click
-commands in a module-level ``COMMANDS`` list (they replace the generated command of that name).
+A stage module imports `ccam.stages.base`, `ccam.artifacts` and library modules only: never
+another stage, the runner or the CLI (docs/architecture.md; `tests/test_architecture.py`).
+Importing this package imports no stage, so `ccam.stages.base` stays light.
 """
 
-from ccam.stages import prepare
-from ccam.stages import train_pcam, sample  # P-CAM, CAMs, coarse masks, M_GC / M_s
-from ccam.stages import train_ccam, pseudo_masks, ablation  # C-CAM, pseudo-masks, ablation table
-from ccam.stages import refine  # affinity refinement (AffinityNet + random walk), optional
-from ccam.stages import train_seg, predict, evaluate  # segmenter, prediction, evaluation
-from ccam.stages import export, demo  # commands only, no pipeline stage
+from __future__ import annotations
 
-MODULES = [prepare, train_pcam, sample, train_ccam, pseudo_masks, refine, train_seg, predict, evaluate, ablation, export, demo]
+import importlib
+
+# pipeline order
+MODULES = ("prepare", "train_pcam", "sample", "train_ccam", "pseudo_masks", "refine", "train_seg", "predict",
+           "evaluate", "ablation")
+
+
+def load_all() -> list:
+    """Import every stage module (each registers its Stage); returns the modules."""
+    return [importlib.import_module(f"ccam.stages.{m}") for m in MODULES]

@@ -36,16 +36,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ccam.anatomy import apply_positional_indicator
+from ccam import artifacts
+from ccam.anatomy import anatomy_chain
 from ccam.data.cohort import Cohort, PreparedCase, left_right_pairs
 from ccam.errors import UserError
 from ccam.io.atomic import write_json, write_text
 from ccam.io.geometry import labels_from_source, resize_slices
 from ccam.localisation import TOLERANCE_PX, Tally, tally
-from ccam.metrics import confusion, dice_per_class, read_ground_truth, swap_rates
-from ccam.runner import Stage, StageContext, get_stage, read_record, register
-from ccam.stages.pseudo_masks import cam_sources
-from ccam.stages.train_ccam import extra_inputs as ccam_settings, read_positional_indicator
+from ccam.metrics import confusion, dice_from_confusion, read_ground_truth, swap_rates, tau_confusions
+from ccam.reports import fmt, markdown_table
+from ccam.stages import base
 
 log = logging.getLogger("ccam")
 
@@ -68,62 +68,20 @@ ROWS = [
 AFF_ROW = Row("+AC+CC+Aff", "refined", True)  # only when the refinement stage ran with refine.enabled
 
 
-def refined_record(ctx: StageContext) -> Optional[dict]:
-    """The `refine` stage's record when it produced masks (refine.enabled), else None."""
-    rec = read_record(ctx.workdir, get_stage("refine"))
-    return rec if rec and rec.get("outputs", {}).get("enabled") else None
-
-
-def _sources(ctx: StageContext, cohort: Cohort, needed: set[str]) -> dict[str, Callable[[PreparedCase], torch.Tensor]]:
+def _sources(workdir, cfg, cohort: Cohort, needed: set[str]) -> dict[str, Callable[[PreparedCase], torch.Tensor]]:
     """Source name -> case -> CAMs (N, K, S, S) float in [0, 1], or labels (N, S, S) int64 (tau-free rows)."""
-    out = cam_sources(ctx, cohort, tuple(sorted(needed & {"pcam", "ccam"})))
+    out = artifacts.cam_sources(workdir, cfg, cohort, tuple(sorted(needed & {"pcam", "ccam"})))
     if "refined" in needed:
-        labels = ctx.stage_dir("refine") / "labels"
-        out["refined"] = lambda case: torch.from_numpy(np.load(labels / f"{case.id}.npy").astype(np.int64))
+        out["refined"] = lambda case: torch.from_numpy(np.asarray(artifacts.label_stack(workdir, "refine", case), dtype=np.int64))
     return out
 
 
-def extra_inputs(ctx: StageContext) -> dict:
-    """C-CAM's settings (every row is made whatever the switches) and the refinement record, if any."""
-    rec = refined_record(ctx)
-    return {**ccam_settings(ctx), "refine": rec.get("key") if rec else None}
-
-
-class _RowMaps:
-    """One row's maps of one case upsampled to the source in-plane size, in the canonical view (N, R, C).
-
-    The pseudo-mask at background score tau is argmax([tau, CAM]) = (max CAM > tau) ? argmax CAM + 1 : 0,
-    so the upsampled max and argmax are enough for the whole tau sweep.
-    """
-
-    def __init__(self, maps: torch.Tensor, plane: tuple[int, int], num_labels: int, chunk: int = 8):
-        n = maps.shape[0]
-        self.labels: Optional[np.ndarray] = None
-        if not maps.is_floating_point():  # a label row (e.g. refined masks): the same at every tau
-            onehot = torch.nn.functional.one_hot(maps.long().clamp(0, num_labels - 1), num_labels).permute(0, 3, 1, 2)
-            self.labels = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).argmax(1).numpy()
-                                          for a in range(0, n, chunk)]).astype(np.int64)
-            return
-        self.peak = np.empty((n,) + plane, dtype=np.float32)
-        self.arg = np.empty((n,) + plane, dtype=np.int64)
-        for a in range(0, n, chunk):
-            up = resize_slices(maps[a:a + chunk].float(), plane)  # bilinear, as `pseudo-masks` upsamples its scores
-            peak, arg = up.max(1)
-            self.peak[a:a + chunk], self.arg[a:a + chunk] = peak.numpy(), arg.numpy() + 1
-
-    def at(self, tau: float) -> np.ndarray:
-        """Label map (N, R, C) in 0..K at background score tau."""
-        if self.labels is not None:
-            return self.labels
-        return np.where(self.peak > tau, self.arg, 0)
-
-
-def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """(K,) Dice per foreground class of one case; NaN where the class is in neither (as ccam.metrics)."""
-    inter = np.diag(cm)[1:].astype(np.float64)
-    size = cm.sum(0)[1:] + cm.sum(1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(size > 0, 2 * inter / size, np.nan)
+def _label_confusion(labels: torch.Tensor, gt: np.ndarray, plane: tuple[int, int], c: int, chunk: int = 8) -> np.ndarray:
+    """(C, C) confusion of a label row (N, S, S) upsampled to the source in-plane size (bilinear on one-hot, argmax)."""
+    onehot = torch.nn.functional.one_hot(labels.long().clamp(0, c - 1), c).permute(0, 3, 1, 2)
+    up = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).argmax(1).numpy()
+                         for a in range(0, labels.shape[0], chunk)]).astype(np.int64)
+    return confusion(up, gt, c)
 
 
 def _ground_truth(case: PreparedCase, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +99,7 @@ def _nanmean(a, axis=None):
         return np.nanmean(a, axis=axis)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg
     cohort = Cohort(ctx.workdir)
     k, c = cohort.num_classes, cohort.num_classes + 1
@@ -151,13 +109,12 @@ def run(ctx: StageContext) -> dict:
                         path=str(ctx.workdir), fix="add 'mask' to some manifest cases (evaluation only)")
     tau = float(cfg.cam.tau)
     taus = sorted(set(float(t) for t in cfg.evaluate.tau_sweep) | {tau})
-    rows = ROWS + ([AFF_ROW] if refined_record(ctx) else [])
-    sources = _sources(ctx, cohort, {r.source for r in rows})
-    m_s = read_positional_indicator(ctx.stage_dir("sample"), cohort) if any(r.anatomy for r in rows) else None
+    rows = ROWS + ([AFF_ROW] if artifacts.finished(ctx.workdir, "refine") else [])
+    sources = _sources(ctx.workdir, cfg, cohort, {r.source for r in rows})
+    m_s = artifacts.positional_indicator(ctx.workdir, cohort) if any(r.anatomy for r in rows) else None
     pairs = left_right_pairs(cohort.classes)
 
     conf = np.zeros((len(rows), len(taus), len(cases), c, c), dtype=np.int64)  # every row, tau and case
-    dice_cfg = np.full((len(rows), len(cases), k), np.nan)  # ccam.metrics at the configured tau
     pointing: list = [None for _ in rows]  # tau-free Tally of where each row's CAM peaks (label rows: None)
     for ci, case in enumerate(tqdm(cases, desc="ablation", unit="case", dynamic_ncols=True)):
         gt, gt_small = _ground_truth(case, k)
@@ -169,26 +126,25 @@ def run(ctx: StageContext) -> dict:
                 cache[row.source] = sources[row.source](case)
             maps = cache[row.source]
             if row.anatomy and maps.is_floating_point():
-                maps = apply_positional_indicator(maps, m_s)
+                maps = anatomy_chain(maps, m_s)
             if maps.is_floating_point():
                 if pointing[ri] is None:
                     pointing[ri] = Tally.zeros(k)
                 pointing[ri] += tally(maps.float().cpu().numpy(), gt_small, tags, TOLERANCE_PX)
-            rm = _RowMaps(maps, plane, c)
-            for ti, t in enumerate(taus):
-                conf[ri, ti, ci] = confusion(rm.at(t), gt, c)
-            dice_cfg[ri, ci] = dice_per_class(rm.at(tau), gt, k)
+                conf[ri, :, ci] = tau_confusions(maps.float().numpy(), gt, plane, taus)
+            else:  # a label row (e.g. refined masks): the same at every tau
+                conf[ri, :, ci] = _label_confusion(maps, gt, plane, c)[None]
 
     report_rows = []
     for ri, row in enumerate(rows):
-        per_case = np.stack([[dice_from_confusion(conf[ri, ti, ci]) for ci in range(len(cases))] for ti in range(len(taus))])
+        per_case = dice_from_confusion(conf[ri])  # (T, cases, K)
         sweep = [float(_nanmean(_nanmean(per_case[ti], axis=0))) for ti in range(len(taus))]  # (T,) mean Dice
         sweep_only = [i for i, t in enumerate(taus) if t in set(float(x) for x in cfg.evaluate.tau_sweep)]
         best = max(sweep_only, key=lambda i: (np.nan_to_num(sweep[i], nan=-1.0), -i))
         ti_cfg = taus.index(tau)
         report_rows.append({
             "row": row.name, "cams": row.source, "anatomy": row.anatomy,
-            "configured": _summary(cohort, tau, _nanmean(dice_cfg[ri], axis=0), conf[ri, ti_cfg].sum(0), pairs),
+            "configured": _summary(cohort, tau, _nanmean(per_case[ti_cfg], axis=0), conf[ri, ti_cfg].sum(0), pairs),
             "oracle": _summary(cohort, taus[best], _nanmean(per_case[best], axis=0), conf[ri, best].sum(0), pairs),
             "sweep": {f"{t:g}": round(v, 4) for t, v in zip(taus, sweep)},
             "pointing_hit_rate": None if pointing[ri] is None else
@@ -230,19 +186,17 @@ def render_markdown(report: dict) -> str:
     base = report["rows"][0]["configured"]["mean_dice"] if report["rows"] else None
 
     def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
+        return fmt(v, digits=2)
 
     def table(key: str) -> list[str]:
-        head = ["row", "tau"] + classes + ["mean", "vs P-CAM"] + [f"swap {s}" for s in swaps]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         ref = report["rows"][0][key]["mean_dice"] if report["rows"] else None
+        rows = []
         for r in report["rows"]:
             b = r[key]
             delta = "-" if b["mean_dice"] is None or ref is None else f"{100 * (b['mean_dice'] - ref):+.2f}"
-            cells = [r["row"], f"{b['tau']:g}"] + [pct(b["dice"][n]) for n in classes] + [pct(b["mean_dice"]), delta]
-            cells += [pct(b["swap"][s]) for s in swaps]
-            lines.append("| " + " | ".join(cells) + " |")
-        return lines
+            rows.append([r["row"], f"{b['tau']:g}"] + [pct(b["dice"][n]) for n in classes] + [pct(b["mean_dice"]), delta]
+                        + [pct(b["swap"][s]) for s in swaps])
+        return markdown_table(["row", "tau"] + classes + ["mean", "vs P-CAM"] + [f"swap {s}" for s in swaps], rows)
 
     out = [f"# Ablation: pseudo-mask Dice (%) on {report.get('cohort') or 'the cohort'}", "",
            f"{len(report['cases'])} case(s) with ground truth (splits: {', '.join(report['splits'])}); "
@@ -255,22 +209,22 @@ def render_markdown(report: dict) -> str:
     if any(r.get("pointing_hit_rate") for r in report["rows"]):
         out += ["", "## Pointing game (against ground truth): hit rate (%) of the CAM peak", "",
                 f"Per class, the S x S slices tagged with it whose ground-truth region is non-empty; a hit = the class's "
-                f"CAM peak inside the organ grown by {report.get('pointing_tolerance_px', TOLERANCE_PX)} px. No tau involved.", "",
-                "| row | " + " | ".join(classes) + " | mean |", "|" + "---|" * (len(classes) + 2)]
+                f"CAM peak inside the organ grown by {report.get('pointing_tolerance_px', TOLERANCE_PX)} px. No tau involved.", ""]
+        rows = []
         for r in report["rows"]:
             hit = r.get("pointing_hit_rate")
             if not hit:
                 continue
             vals = [hit[n] for n in classes if hit[n] is not None]
-            out.append(f"| {r['row']} | " + " | ".join(pct(hit[n]) for n in classes) + f" | {pct(float(np.mean(vals)) if vals else None)} |")
+            rows.append([r["row"]] + [pct(hit[n]) for n in classes] + [pct(float(np.mean(vals)) if vals else None)])
+        out += markdown_table(["row"] + classes + ["mean"], rows)
     if base is None:
         out += ["", "P-CAM has no finite mean Dice: no class was found in any case."]
     return "\n".join(out) + "\n"
 
 
-STAGE = register(Stage(
-    name="ablation", folder="ablation", sections=("runtime", "pcam", "cam", "evaluate"),
-    needs=("prepare", "sample", "train-ccam"), run=run, extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "ablation", run,
     help="The paper's ablation table (P-CAM, +AC, +CC, +AC+CC, and +AC+CC+Aff when refine.enabled) against ground truth: Dice at tau and oracle tau, L/R swaps.",
     examples="ccam ablation --workdir runs/demo\n"
              "ccam run --pipeline pipelines/ablation.yaml --manifest demo_data/manifest.json --workdir runs/abl",

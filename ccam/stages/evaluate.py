@@ -23,80 +23,50 @@ stdout; the stage record lives in ``W/evaluation/``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import click
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import write_json, write_text
-from ccam.io.geometry import resize_slices
 from ccam.io.volume import read_volume
 from ccam.localisation import Localisation, markdown_table as localisation_table
-from ccam.metrics import dice_per_class, read_ground_truth, surface_distances
-from ccam.runner import RECORD, Stage, StageContext, register
+from ccam.metrics import dice_from_confusion, dice_per_class, read_ground_truth, surface_distances, tau_confusions
+from ccam.reports import fmt, markdown_table, stage_dice_table
+from ccam.stages import base
 
 log = logging.getLogger("ccam")
 
-# (name in the report, folder holding the stage record, folder holding <case_id>.nii.gz), pipeline order
-MASK_SOURCES = (
-    ("coarse", "sample", "sample/coarse_masks"),
-    ("pseudo", "pseudo_masks", "pseudo_masks"),
-    ("refined", "refined_masks", "refined_masks"),
-    ("predicted", "predictions", "predictions"),
-)
-# (name, folder holding the stage record, folder holding <case_id>.npy CAM stacks (N, K, S, S));
-# the localisation diagnostics use the same names ("coarse" is P-CAM's, so it gets the occlusion test)
-CAM_SOURCES = (
-    ("coarse", "sample", "sample/cams"),
-    ("pseudo", "pseudo_masks", "pseudo_masks/cams"),
-)
+# (name in the report, stage whose <case_id>.nii.gz masks are evaluated), pipeline order
+MASK_SOURCES = (("coarse", "sample"), ("pseudo", "pseudo-masks"), ("refined", "refine"), ("predicted", "predict"))
+# (name, stage whose CAM stacks (N, K, S, S) get the tau sweep); the localisation diagnostics use
+# the same names ("coarse" is P-CAM's, so it gets the occlusion test)
+CAM_SOURCES = (("coarse", "sample"), ("pseudo", "pseudo-masks"))
 METRICS = ("dice", "hd95_mm", "assd_mm")
 ORACLE_NOTE = "oracle: tau picked by Dice against ground truth; reported for comparison, never used by the pipeline"
 LOCALISATION_DIR = Path("reports") / "localisation"  # contact sheets <source>_<class>.png
 
 
-def _finished(workdir: Path, record_folder: str) -> Optional[dict]:
-    """The stage record if the stage finished (and, for refine, is enabled); else None."""
-    p = workdir / record_folder / RECORD
-    if not p.exists():
-        return None
-    try:
-        rec = json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    if (rec.get("outputs") or {}).get("enabled", True) is False:
-        return None
-    return rec
-
-
-def extra_inputs(ctx: StageContext) -> dict:
-    """The records of the stages whose masks are evaluated, and the ground-truth files' size and mtime."""
+def extra_inputs(ctx: base.StageContext) -> dict:
+    """The ground-truth files' size and mtime (the evaluated stages' records are hashed as ``uses``)."""
     out: dict = {}
-    for _, rec_folder, _ in MASK_SOURCES + CAM_SOURCES:
-        p = ctx.workdir / rec_folder / RECORD
-        out[f"record:{rec_folder}"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
     gts = []
-    cases = ctx.workdir / "prepare" / "cases.json"
+    cases = artifacts.stage_dir(ctx.workdir, "prepare") / "cases.json"
     if cases.exists():
         for c in json.loads(cases.read_text()).get("cases", []):
             m = c.get("mask")
             st = os.stat(m) if m and os.path.exists(m) else None
             gts.append([c["id"], m, st.st_size if st else None, st.st_mtime_ns if st else None])
     out["ground_truth"] = gts
-    if ctx.cfg.evaluate.localisation:  # the occlusion test runs P-CAM's checkpoint
-        p = ctx.workdir / "pcam" / RECORD
-        out["record:pcam"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
     return out
 
 
@@ -128,35 +98,11 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing, su
     return res
 
 
-def tau_sweep_case(cams: np.ndarray, gt: np.ndarray, case: PreparedCase, taus: list[float], chunk: int = 16) -> np.ndarray:
-    """Dice (T, K) of argmax over [tau, CAMs] against ground truth, on the source grid, for every tau.
-
-    ``cams`` (N, K, S, S) are upsampled bilinearly to the source in-plane size (as
-    `ccam.io.geometry.scores_to_source` does) and compared with the ground truth in the same
-    canonical slice order, a chunk of slices at a time. argmax([tau, CAMs]) is class k+1 exactly
-    where the largest CAM is class k's and exceeds tau (ties go to background, as in the argmax),
-    so one sort of those peak values per class gives the counts for every tau at once.
-    """
+def tau_sweep_case(cams: np.ndarray, gt: np.ndarray, case: PreparedCase, taus: list[float]) -> np.ndarray:
+    """Dice (T, K) of argmax over [tau, CAMs] against ground truth (I, J, K), on the source grid, for every tau
+    (`ccam.metrics.tau_confusions`)."""
     geom = case.geometry
-    K, T = cams.shape[1], len(taus)
-    inter, psum, gsum = np.zeros((T, K)), np.zeros((T, K)), np.zeros(K)
-    gview = geom.canonical_view(gt)
-    tau_arr = np.asarray(taus, dtype=np.float32)
-
-    def above(values: np.ndarray) -> np.ndarray:  # (T,) how many values exceed each tau
-        return values.size - np.searchsorted(np.sort(values), tau_arr, side="right")
-
-    for a in range(0, geom.n_slices, chunk):
-        up = resize_slices(torch.as_tensor(np.asarray(cams[a:a + chunk], dtype=np.float32)), geom.plane_shape)
-        peak, cls = (t.numpy() for t in up.max(1))  # (b, R, C) largest CAM and its class
-        g = np.asarray(gview[a:a + chunk])
-        for k in range(K):
-            mine, truth = cls == k, g == k + 1
-            psum[:, k] += above(peak[mine])
-            inter[:, k] += above(peak[mine & truth])
-            gsum[k] += truth.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(psum + gsum[None] > 0, 2 * inter / (psum + gsum[None]), np.nan)
+    return dice_from_confusion(tau_confusions(cams, geom.canonical_view(gt), geom.plane_shape, taus))
 
 
 # -- summaries and report -----------------------------------------------------------------------
@@ -198,12 +144,6 @@ def summarise(per_case: dict, classes: list[str]) -> dict:
     return out
 
 
-def _fmt(ms: dict, scale: float = 1.0, digits: int = 1) -> str:
-    if ms["n"] == 0 or math.isnan(ms["mean"]):
-        return "-"
-    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
-
-
 def markdown(report: dict) -> str:
     classes = report["classes"]
     lines = [f"# Evaluation: {report['cohort']}", "",
@@ -213,25 +153,13 @@ def markdown(report: dict) -> str:
     for m in METRICS:
         if m != "dice" and not report["surface_distances"]:
             continue
-        lines += [f"## {titles[m]}", "", "| masks | split | cases | " + " | ".join(classes) + " | mean |",
-                  "| --- | --- | ---: | " + " | ".join("---:" for _ in classes) + " | ---: |"]
-        for name, st in report["stages"].items():
-            for split, s in st["summary"].items():
-                scale = 100.0 if m == "dice" else 1.0
-                cells = [_fmt(s[m][c], scale) for c in classes] + [_fmt(s[m]["mean"], scale)]
-                lines.append(f"| {name} | {split} | {s['n_cases']} | " + " | ".join(cells) + " |")
-        if not report["stages"]:
-            lines.append("| (no stage has produced masks yet) | | | " + " | ".join("" for _ in classes) + " | |")
-        lines.append("")
+        lines += [f"## {titles[m]}", ""] + stage_dice_table(report, m) + [""]
     if report["tau_sweep"]:
-        lines += ["## Oracle tau sweep (Dice %, tau chosen on ground truth: NOT usable as a result)", "",
-                  "| CAMs | cases | oracle tau | " + " | ".join(classes) + " | mean |",
-                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | ---: |"]
-        for name, sw in report["tau_sweep"].items():
-            o = sw["oracle"]
-            cells = ["-" if o["dice"][c] is None else f"{100 * o['dice'][c]:.1f}" for c in classes]
-            mean = "-" if o["mean_dice"] is None else f"{100 * o['mean_dice']:.1f}"
-            lines.append(f"| {name} ({sw['cams']}) | {sw['n_cases']} | {o['tau']} (oracle) | " + " | ".join(cells) + f" | {mean} |")
+        rows = [[f"{name} ({sw['cams']})", str(sw["n_cases"]), f"{sw['oracle']['tau']} (oracle)"]
+                + [fmt(sw["oracle"]["dice"][c]) for c in classes] + [fmt(sw["oracle"]["mean_dice"])]
+                for name, sw in report["tau_sweep"].items()]
+        lines += ["## Oracle tau sweep (Dice %, tau chosen on ground truth: NOT usable as a result)", ""]
+        lines += markdown_table(["CAMs", "cases", "oracle tau"] + list(classes) + ["mean"], rows, numeric_from=1)
         lines += ["", ORACLE_NOTE, ""]
     loc = report.get("localisation")
     if loc is not None and not loc.get("sources"):
@@ -255,26 +183,26 @@ def markdown(report: dict) -> str:
 
 # -- stage ----------------------------------------------------------------------------------------
 
-def evaluate(ctx: StageContext) -> dict:
+def evaluate(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg.evaluate
     cohort = Cohort(ctx.workdir)
     K, classes = cohort.num_classes, cohort.classes
     with_gt = [c for c in cohort.cases if c.mask_path]
     if not with_gt:
         log.warning("evaluate: no case of the manifest has a ground-truth mask; nothing to evaluate")
-    sources = [(n, Path(f)) for n, rf, f in MASK_SOURCES if _finished(ctx.workdir, rf) is not None]
-    cam_sources = [(n, Path(f)) for n, rf, f in CAM_SOURCES if _finished(ctx.workdir, rf) is not None]
+    sources = [(n, st) for n, st in MASK_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
+    cam_sources = [(n, st) for n, st in CAM_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
     per_stage: dict = {n: {} for n, _ in sources}
     sweeps: dict = {n: {"cases": [], "dice": []} for n, _ in cam_sources}
     taus = [float(t) for t in cfg.tau_sweep]
     # fed case by case below, so each ground-truth mask is read once
-    loc = Localisation(ctx.workdir, ctx.cfg, cohort, sources=[(n, str(f)) for n, f in cam_sources], splits=("train",),
+    loc = Localisation(ctx.workdir, ctx.cfg, cohort, sources=cam_sources, splits=("train",),
                        occlusion_source="coarse", batch_size=ctx.cfg.cam.batch_size) if cfg.localisation and cam_sources else None
     for case in tqdm(with_gt, desc="evaluate", unit="case", dynamic_ncols=True):
-        files = [(n, ctx.workdir / f / f"{case.id}.nii.gz") for n, f in sources]
+        files = [(n, artifacts.mask_path(ctx.workdir, st, case.id)) for n, st in sources]
         files = [(n, p) for n, p in files if p.exists()]
-        cams = [(n, ctx.workdir / f / f"{case.id}.npy") for n, f in cam_sources]
-        cams = [(n, p) for n, p in cams if p.exists() and case.split == "train"]  # tau is a training-set choice
+        cams = [(n, st) for n, st in cam_sources  # tau is a training-set choice
+                if case.split == "train" and artifacts.cam_stack_path(ctx.workdir, st, case.id).exists()]
         if not files and not cams and not (loc is not None and loc.wants(case)):
             continue
         gt_vol = read_ground_truth(case)
@@ -288,20 +216,18 @@ def evaluate(ctx: StageContext) -> dict:
                                 case=case.id, path=str(path), fix="re-run the stage that wrote it")
             r = case_metrics(np.asarray(pred.array).astype(np.int64), gt, K, gt_vol.spacing, cfg.surface_distances)
             per_stage[name][case.id] = {"split": case.split, **{m: dict(zip(classes, r[m].tolist())) for m in METRICS}}
-        for name, path in cams:
-            stack = np.load(path, mmap_mode="r")
-            if stack.ndim != 4 or stack.shape[0] != case.n_slices or stack.shape[1] != K:
-                raise UserError(f"CAM stack has shape {stack.shape}, expected ({case.n_slices}, {K}, S, S)", case=case.id,
-                                path=str(path), fix="re-run the stage that wrote it")
+        for name, st in cams:
+            stack = artifacts.cam_stack(ctx.workdir, st, case, K)
             sweeps[name]["cases"].append(case.id)
             sweeps[name]["dice"].append(tau_sweep_case(stack, gt, case, taus))
 
     stages = {}
-    for name, folder in sources:
+    for name, st in sources:
         if per_stage[name]:
-            stages[name] = {"folder": str(folder), "cases": per_stage[name], "summary": summarise(per_stage[name], classes)}
+            stages[name] = {"folder": _rel(ctx.workdir, artifacts.mask_dir(ctx.workdir, st)), "cases": per_stage[name], "summary": summarise(per_stage[name], classes)}
     tau_report = {}
-    for name, folder in cam_sources:
+    for name, st in cam_sources:
+        folder = _rel(ctx.workdir, artifacts.cam_stack_path(ctx.workdir, st, "-").parent)
         sw = sweeps[name]
         if not sw["cases"]:
             continue
@@ -329,10 +255,14 @@ def evaluate(ctx: StageContext) -> dict:
     return report
 
 
+def _rel(workdir: Path, path: Path) -> str:
+    return str(Path(path).relative_to(workdir))
+
+
 def _drop_stale_sheets(folder: Path, localisation: dict, classes: list[str]) -> None:
     """Remove contact sheets this evaluation did not write (e.g. of a stage that no longer finished)."""
     written = {Path(p).name for per in localisation.get("contact_sheets", {}).values() for p in per.values()}
-    for name, _, _ in CAM_SOURCES:
+    for name, _ in CAM_SOURCES:
         for cls in classes:
             p = folder / f"{name}_{cls}.png"
             if p.name not in written and p.exists():
@@ -343,7 +273,7 @@ def report_paths(workdir: Path) -> tuple[Path, Path]:
     return Path(workdir) / "reports" / "evaluation.json", Path(workdir) / "reports" / "evaluation.md"
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     report = evaluate(ctx)
     js, md = report_paths(ctx.workdir)
     write_json(js, report)
@@ -358,40 +288,9 @@ def run(ctx: StageContext) -> dict:
             **({"pointing_hit_rate_mean": loc} if loc else {})}
 
 
-STAGE = register(Stage(
-    name="evaluate", folder="evaluation", sections=("evaluate",), needs=("prepare",), run=run, extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "evaluate", run, extra_inputs=extra_inputs,
     help="Dice, HD95 and ASSD of every stage's masks and CAM localisation per class against the manifest's ground truth (reports/evaluation.*).",
     examples="ccam evaluate --workdir runs/demo\n"
              "ccam evaluate --workdir runs/big --set evaluate.surface_distances=false --set evaluate.localisation=false",
 ))
-
-
-@click.command("evaluate", short_help=STAGE.help.split(" (")[0])
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
-@click.option("--force", is_flag=True, help="Run even if the stage is up to date.")
-def evaluate_cmd(workdir, config_file, sets, force) -> None:
-    """Evaluate every stage's masks and the CAMs' localisation against ground truth; writes
-    W/reports/evaluation.{json,md} and W/reports/localisation/*.png and prints the tables (also
-    when the evaluation is up to date).
-
-    \b
-    Examples:
-      ccam evaluate --workdir runs/demo
-      ccam evaluate --workdir runs/big --set evaluate.surface_distances=false --set evaluate.localisation=false
-    """
-    from ccam.cli import load_settings
-    from ccam.runner import WorkdirLock, read_record, run_stage
-
-    wd = Path(workdir)
-    with WorkdirLock(wd):
-        cfg = load_settings(workdir, config_file, sets)
-        before = read_record(wd, STAGE)
-        after = run_stage(wd, cfg, "evaluate", {}, force=force)
-    md = report_paths(wd)[1]
-    if before is not None and before.get("finished") == after.get("finished") and md.exists():
-        click.echo(md.read_text(encoding="utf-8"))  # skipped: show the current report anyway
-
-
-COMMANDS = [evaluate_cmd]

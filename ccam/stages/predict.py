@@ -6,7 +6,7 @@ Two uses of one command:
   their prepared slices, into ``W/predictions/<case_id>.nii.gz``.
 - ``ccam predict --workdir W --input PATH --output DIR`` segments new volumes: PATH is a
   NIfTI/MHA/NRRD file, a folder of them, a DICOM series folder (or a folder of series folders),
-  or a manifest. Each volume gets the normalisation of `prepare` (`ccam.stages.prepare.normaliser`)
+  or a manifest. Each volume gets the normalisation of `prepare` (`ccam.data.normalise`)
   and the same canonical slicing (`ccam.io.geometry`); ``--continue`` skips cases already
   written, ``--part i/n`` takes every n-th case from the i-th (0-based; the nnU-Net convention),
   so n jobs can share a cohort without talking to each other.
@@ -19,49 +19,29 @@ with ``probabilities`` (C, I, J, K) float16 in the file's voxel order (NIfTI-1 h
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ccam import artifacts
 from ccam.data.cohort import Cohort
+from ccam.data.normalise import normaliser
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path
 from ccam.io.geometry import SliceGeometry, resize_slices
-from ccam.io.volume import NIFTI_SUFFIXES, SITK_SUFFIXES, read_volume, write_label_map
+from ccam.io.volume import read_volume, write_label_map
 from ccam.models.segmenter import Segmenter
-from ccam.runner import RECORD, Stage, StageContext, register
-from ccam.stages.prepare import normaliser
-from ccam.training import best_or_final, load_model_weights, select_device
+from ccam.io.hashing import sha256_file
+from ccam.io.inputs import find_inputs, parse_part
+from ccam.stages import base
+from ccam.training import select_device
 
 log = logging.getLogger("ccam")
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
-
-
-# -- the trained model --------------------------------------------------------------------------
-
-def load_segmenter(workdir: Path, device: torch.device) -> tuple[Segmenter, dict]:
-    """The trained segmenter of ``W/seg`` (best checkpoint) and its ``model.json``."""
-    folder = Path(workdir) / "seg"
-    if not (folder / RECORD).exists() or not (folder / "model.json").exists():
-        raise UserError("no trained segmenter in the work directory", path=str(folder),
-                        fix=f"run `ccam train-seg --workdir {workdir}` (or `ccam run`) first")
-    meta = json.loads((folder / "model.json").read_text())
-    model = Segmenter.from_spec(meta["spec"])
-    ck = best_or_final(folder)
-    try:
-        load_model_weights(model, ck)
-    except Exception as e:  # damaged or foreign file
-        raise UserError(f"cannot load the segmenter checkpoint ({type(e).__name__})", path=str(ck),
-                        fix="re-run `ccam train-seg --force`")
-    model.to(device).eval()
-    return model, meta
 
 
 # -- segmenting one volume ----------------------------------------------------------------------
@@ -137,10 +117,10 @@ def write_probabilities(path: Path, probs: np.ndarray, affine: np.ndarray, class
 
 # -- pipeline stage: the prepared test cases ----------------------------------------------------
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg
     device = select_device(cfg)
-    model, meta = load_segmenter(ctx.workdir, device)
+    model, meta = artifacts.load_segmenter(ctx.workdir, device)
     cohort = Cohort(ctx.workdir)
     if cohort.slice_size != meta["slice_size"] or cohort.classes != meta["classes"]:
         raise UserError("the segmenter was trained on another prepared cohort", path=str(ctx.workdir / "seg"),
@@ -157,112 +137,24 @@ def run(ctx: StageContext) -> dict:
             write_label_map(ctx.dir / f"{case.id}.nii.gz", labels, geom.affine_array, n_labels=cohort.num_classes,
                             qform_code=geom.qform_code, sform_code=geom.sform_code)
             n_slices += case.n_slices
-    return {"cases": len(cases), "slices": n_slices, "checkpoint": best_or_final(ctx.workdir / "seg").name}
+    return {"cases": len(cases), "slices": n_slices, "checkpoint": artifacts.checkpoint(ctx.workdir, "train-seg").name}
 
 
-def extra_inputs(ctx: StageContext) -> dict:
+def extra_inputs(ctx: base.StageContext) -> dict:
     """The checkpoint actually used (its bytes), so a retrained segmenter re-runs predict."""
-    from ccam.runner import sha256_file
-
-    folder = ctx.workdir / "seg"
     try:
-        return {"checkpoint": sha256_file(best_or_final(folder))}
+        return {"checkpoint": sha256_file(artifacts.checkpoint(ctx.workdir, "train-seg"))}
     except UserError:
         return {"checkpoint": None}
 
 
-STAGE = register(Stage(
-    name="predict", folder="predictions", sections=("predict",), needs=("prepare", "train-seg"), run=run,
-    extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "predict", run, extra_inputs=extra_inputs,
     help="Segment the cohort's test cases (or, with --input, any volumes) with the trained U-Net.",
     examples="ccam predict --workdir runs/demo\n"
              "ccam predict --workdir runs/demo --input new_scans/ --output new_masks/\n"
              "ccam predict --workdir runs/demo --input cohort.json --output masks/ --part 0/4 --continue",
 ))
-
-
-# -- custom command: any volumes ----------------------------------------------------------------
-
-def _strip_suffix(name: str) -> str:
-    low = name.lower()
-    for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if low.endswith(suf):
-            return name[: len(name) - len(suf)]
-    return name
-
-
-def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr for every folder without a series
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-    except RuntimeError:
-        return False
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _manifest_cases(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
-    """(case id, image) of every case of a manifest, and its modality; tags and splits are not needed."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-        raise UserError(f"manifest is not valid JSON ({e})", path=str(path), fix="fix the JSON syntax")
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
-        raise UserError("manifest has no 'cases' list", path=str(path), fix="see DESIGN section 3 for the manifest format")
-    out = []
-    for i, c in enumerate(data["cases"]):
-        if not isinstance(c, dict) or "id" not in c or "image" not in c:
-            raise UserError(f"case #{i} needs 'id' and 'image'", path=str(path), fix="fix the manifest")
-        out.append((str(c["id"]), (path.parent / str(c["image"])).resolve()))
-    return out, data.get("modality")
-
-
-def find_inputs(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
-    """(case id, image path) for --input, sorted by id, and the manifest's modality if any."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError("input not found", path=str(path), fix="pass a NIfTI/MHA/NRRD file, a folder of them, a DICOM series folder or a manifest")
-    modality = None
-    if path.is_file() and path.suffix.lower() == ".json":
-        cases, modality = _manifest_cases(path)
-    elif path.is_file():
-        if not path.name.lower().endswith(VOLUME_SUFFIXES):
-            raise UserError("input is not a volume file", path=str(path), fix="use .nii, .nii.gz, .mha, .mhd, .nrrd or .nhdr, a folder or a manifest")
-        cases = [(_strip_suffix(path.name), path)]
-    else:
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
-                       and not p.name.startswith(".") and not p.name.lower().endswith(".raw"))
-        if files:
-            cases = [(_strip_suffix(p.name), p) for p in files]
-        elif _is_dicom_series(path):
-            cases = [(path.name, path)]
-        else:
-            series = sorted(p for p in path.iterdir() if p.is_dir() and _is_dicom_series(p))
-            if not series:
-                raise UserError("folder holds no NIfTI/MHA/NRRD file and no DICOM series", path=str(path),
-                                fix="point --input to volumes, a DICOM series folder or a manifest")
-            cases = [(p.name, p) for p in series]
-    ids = [c[0] for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise UserError(f"duplicate case id(s) {', '.join(dup)} in the input", path=str(path),
-                        fix="give every volume a distinct file name (e.g. not both X.nii.gz and X.mha)")
-    return sorted(cases), modality
-
-
-def parse_part(text: Optional[str]) -> tuple[int, int]:
-    if text is None:
-        return 0, 1
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UserError(f"--part {text!r} must look like i/n", fix="e.g. --part 0/4 ... --part 3/4 for four jobs")
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--part {text}: need 0 <= i < n", fix="e.g. --part 0/4 ... --part 3/4 for four jobs")
-    return i, n
 
 
 def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume: bool = False,
@@ -271,7 +163,7 @@ def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume:
     i, n = parse_part(part)
     cases, modality = find_inputs(input_path)
     device = select_device(cfg)
-    model, meta = load_segmenter(workdir, device)
+    model, meta = artifacts.load_segmenter(workdir, device)
     if modality is not None and modality != meta["modality"]:
         raise UserError(f"the manifest's modality is {modality} but the segmenter was trained on {meta['modality']}",
                         path=str(input_path), fix="use a segmenter trained on this modality")
@@ -308,50 +200,3 @@ def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume:
         n_slices += geom.n_slices
         del labels, probs
     return {"cases": len(todo), "skipped": skipped, "slices": n_slices}
-
-
-@click.command("predict", short_help="Segment the test cases, or any volumes with --input/--output.")
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory with a trained segmenter (seg/).")
-@click.option("--input", "-i", "input_path", type=click.Path(), help="NIfTI/MHA/NRRD file, folder of them, DICOM series folder, or manifest.")
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder for <case_id>.nii.gz (with --input).")
-@click.option("--continue", "resume", is_flag=True, help="Skip cases whose outputs are already written.")
-@click.option("--part", metavar="I/N", help="Process every N-th case starting at I (0-based), for N parallel jobs.")
-@click.option("--probabilities", is_flag=True, help="Also write <case_id>.npz with float16 class probabilities (C, I, J, K).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML settings (see configs/default.yaml).")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
-@click.option("--force", is_flag=True, help="Pipeline mode: run even if the stage is up to date.")
-def predict_cmd(workdir, input_path, output, resume, part, probabilities, config_file, sets, force) -> None:
-    """Segment volumes with the trained U-Net; label maps are written on each volume's own grid.
-
-    Without --input this is the pipeline stage: the prepared cohort's test cases into
-    W/predictions/. With --input PATH --output DIR it segments new volumes and only reads W,
-    so several jobs (--part 0/4 ... 3/4) can run at once.
-
-    \b
-    Examples:
-      ccam predict --workdir runs/demo
-      ccam predict --workdir runs/demo --input new_scans/ --output new_masks/
-      ccam predict --workdir runs/demo --input scan.mha --output out/ --probabilities
-      ccam predict --workdir runs/demo --input cohort.json --output masks/ --part 1/4 --continue
-    """
-    from ccam.cli import load_settings
-    from ccam.runner import WorkdirLock, run_stage
-
-    if input_path is None:
-        if output is not None or resume or part is not None or probabilities:
-            raise UserError("--output, --continue, --part and --probabilities go with --input",
-                            fix="add --input PATH, or drop them to predict the cohort's test cases into W/predictions")
-        with WorkdirLock(Path(workdir)):
-            cfg = load_settings(workdir, config_file, sets)
-            run_stage(Path(workdir), cfg, "predict", {}, force=force)
-        return
-    if output is None:
-        raise UserError("--input needs --output DIR", fix="add --output folder/for/masks")
-    if not Path(workdir).is_dir():
-        raise UserError("work directory does not exist", path=str(workdir), fix="point --workdir to a run with a trained segmenter")
-    cfg = load_settings(workdir, config_file, sets, save=False)  # read-only: parallel parts may share W
-    res = predict_files(Path(workdir), cfg, Path(input_path), Path(output), resume=resume, part=part, probabilities=probabilities)
-    click.echo(f"predict: {res['cases']} case(s) written to {output}" + (f", {res['skipped']} skipped" if res["skipped"] else ""), err=True)
-
-
-COMMANDS = [predict_cmd]

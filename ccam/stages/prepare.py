@@ -18,11 +18,13 @@ import torch
 from tqdm import tqdm
 
 from ccam.data.manifest import Manifest, load_manifest
+from ccam.data.normalise import normaliser
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path, save_npy, write_json
 from ccam.io.geometry import SliceGeometry, resize_slices
+from ccam.io.hashing import sha256_file
 from ccam.io.volume import read_volume
-from ccam.runner import Stage, StageContext, register
+from ccam.stages import base
 
 log = logging.getLogger("ccam")
 
@@ -46,26 +48,6 @@ def assign_validation(manifest: Manifest, val_fraction: float, min_train: int, s
     return chosen
 
 
-def normaliser(modality: str, array: np.ndarray, ct_window, mr_percentiles):
-    """Return f(block float32) -> block in [0, 1] for this volume."""
-    if modality == "CT":
-        lo, hi = float(ct_window[0]), float(ct_window[1])
-    else:
-        # percentiles from a strided subsample: close to exact, and no full-volume copy
-        step = max(1, int(round((array.size / 4e6) ** (1 / 3))))
-        sub = np.asarray(array[::step, ::step, ::step], dtype=np.float32)
-        lo, hi = (float(v) for v in np.percentile(sub, mr_percentiles))
-    scale = 1.0 / max(hi - lo, 1e-6)
-
-    def f(block: np.ndarray) -> np.ndarray:
-        np.clip(block, lo, hi, out=block)
-        block -= lo
-        block *= scale
-        return block
-
-    return f
-
-
 def prepare_volume(array: np.ndarray, geom: SliceGeometry, norm, out_path: Path, chunk: int, case_id: str, source: str = "") -> None:
     """Write the (N, S, S) float32 slice stack of one volume to ``out_path`` (atomic, chunked)."""
     view = geom.canonical_view(array)
@@ -82,7 +64,7 @@ def prepare_volume(array: np.ndarray, geom: SliceGeometry, norm, out_path: Path,
         del out
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg
     manifest = load_manifest(ctx.options["manifest"])
     assign_validation(manifest, cfg.data.val_fraction, cfg.data.min_train_for_val, cfg.runtime.seed)
@@ -109,7 +91,7 @@ def run(ctx: StageContext) -> dict:
     return {"cases": len(cases), "slices": sum(c["n_slices"] for c in cases), "splits": counts}
 
 
-def extra_inputs(ctx: StageContext) -> dict:
+def extra_inputs(ctx: base.StageContext) -> dict:
     """The manifest's bytes and each image's size and mtime (cheap; a re-exported image re-runs prepare)."""
     m = ctx.options.get("manifest")
     if m is None:
@@ -117,7 +99,6 @@ def extra_inputs(ctx: StageContext) -> dict:
     p = Path(m)
     if not p.exists():
         raise UserError("manifest not found", path=str(p), fix="check the --manifest path")
-    from ccam.runner import sha256_file
     import json
 
     files = []
@@ -128,11 +109,11 @@ def extra_inputs(ctx: StageContext) -> dict:
             files.append([str(ip), st.st_size if st else None, st.st_mtime_ns if st else None])
     except (json.JSONDecodeError, AttributeError, TypeError):
         pass
-    return {"manifest": sha256_file(p), "images": files, "seed": ctx.cfg.runtime.seed}  # seed: validation split
+    return {"manifest": sha256_file(p), "images": files}
 
 
-STAGE = register(Stage(
-    name="prepare", folder="prepare", sections=("data",), needs=(), run=run, extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "prepare", run, extra_inputs=extra_inputs,
     help="Validate a manifest and write normalised S x S slices, slice tags and per-case geometry.",
     examples="ccam prepare --manifest data_manifests/demo.json --workdir runs/demo\n"
              "ccam prepare --manifest cohort.json --workdir runs/ct --set data.slice_size=128",

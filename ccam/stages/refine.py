@@ -9,7 +9,8 @@ the slices; never a ground-truth mask.
 2. AffinityNet trained on the pairs of those seeds (``affinity/``: checkpoints, log, plot;
    resumed after a crash by `ccam.training.EpochLoop`).
 3. Every case: random walk of [background, CAM_1..CAM_K] with T = D^-1 A^beta, 2^t steps on the
-   stride-8 grid, upsampled to S x S, M_s applied when ``anatomy.enabled``, argmax; written as
+   stride-8 grid, upsampled to S x S, the anatomy chain applied when ``anatomy.enabled``
+   (`ccam.anatomy.anatomy_chain`, as in stage `pseudo-masks`), argmax; written as
    ``labels/<id>.npy`` (N, S, S) uint8 and ``<id>.nii.gz`` on the source grid.
 
 With ``refine.enabled: false`` the stage does no work; its record says ``{"enabled": false}``.
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ccam import artifacts
 from ccam.affinity import (IGNORE, affinity_labels, affinity_loss, background_score, confident_seeds, half_disk_offsets,
                            require_densecrf, seeds_to_grid, walk_scores)
 from ccam.data.cohort import Cohort, PreparedCase
@@ -32,8 +34,9 @@ from ccam.errors import UserError
 from ccam.io.atomic import save_npy
 from ccam.io.geometry import labels_to_source
 from ccam.io.volume import write_label_map
+from ccam.anatomy import anatomy_chain
 from ccam.models.affinity import AffinityNet
-from ccam.runner import Stage, StageContext, register
+from ccam.stages import base
 from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
 
 log = logging.getLogger("ccam")
@@ -142,15 +145,14 @@ def refine_stack(model: AffinityNet, slices: np.ndarray, cams: np.ndarray, rc, *
     n, s = slices.shape[0], slices.shape[-1]
     out = np.zeros((n, s, s), dtype=np.uint8)
     todo = [i for i in range(n) if np.asarray(cams[i]).any()]
-    ind = None if m_s is None else torch.as_tensor(np.asarray(m_s[1:]), dtype=torch.float32, device=device)[None]
     for a in range(0, len(todo), batch_size):
         idx = todo[a:a + batch_size]
         x = torch.from_numpy(np.array(slices[idx], dtype=np.float32))[:, None].to(device)
         cam = torch.from_numpy(np.array(cams[idx], dtype=np.float32)).to(device)
         bg = tau if rc.background == "tau" else background_score(cam, rc.bg_alpha)
         scores = walk_scores(cam, model.affinities(x, rc.radius), radius=rc.radius, beta=rc.beta, t=rc.t, background=bg)
-        if ind is not None:
-            scores[:, 1:] *= ind  # anatomy-causality: a class stays 0 where it never occurs
+        if m_s is not None:
+            scores[:, 1:] = anatomy_chain(scores[:, 1:], m_s)  # a class stays 0 where it never occurs
         out[idx] = scores.argmax(1).to(torch.uint8).cpu().numpy()
     return out
 
@@ -158,19 +160,7 @@ def refine_stack(model: AffinityNet, slices: np.ndarray, cams: np.ndarray, rc, *
 # --------------------------------------------------------------------------------------------
 # stage
 # --------------------------------------------------------------------------------------------
-def _load_cams(cams_dir: Path, case: PreparedCase, num_classes: int) -> np.ndarray:
-    p = cams_dir / f"{case.id}.npy"
-    if not p.exists():
-        raise UserError("pseudo-mask CAMs missing", case=case.id, path=str(p), fix="re-run `ccam pseudo-masks --force`")
-    cams = np.load(p, mmap_mode="r")
-    want = (case.n_slices, num_classes, case.geometry.size, case.geometry.size)
-    if tuple(cams.shape) != want:
-        raise UserError(f"pseudo-mask CAMs have shape {tuple(cams.shape)}, expected {want}", case=case.id, path=str(p),
-                        fix="re-run `ccam pseudo-masks --force`")
-    return cams
-
-
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.refine
     if not rc.enabled:
         log.info("refine: refine.enabled is false; nothing to do (train-seg uses the unrefined pseudo-masks)")
@@ -178,14 +168,8 @@ def run(ctx: StageContext) -> dict:
     require_densecrf()  # fail before any work when the CRF package is missing
     cohort = Cohort(ctx.workdir)
     device = select_device(cfg)
-    cams_dir = ctx.stage_dir("pseudo-masks") / "cams"
     k = cohort.num_classes
-    m_s = None
-    if cfg.anatomy.enabled:
-        p = ctx.stage_dir("sample") / "m_s.npy"
-        if not p.exists():
-            raise UserError("positional indicator M_s missing", path=str(p), fix="re-run `ccam sample --force`")
-        m_s = np.load(p)
+    m_s = artifacts.positional_indicator(ctx.workdir, cohort) if cfg.anatomy.enabled else None
 
     # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
     train = cohort.split("train")
@@ -194,7 +178,7 @@ def run(ctx: StageContext) -> dict:
     for case in tqdm(train, desc="refine seeds", unit="case", dynamic_ncols=True):
         path = seeds_dir / f"{case.id}.npy"
         if not path.exists():
-            save_npy(path, case_seeds(case.slices(), _load_cams(cams_dir, case, k), rc))
+            save_npy(path, case_seeds(case.slices(), artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k), rc))
         seeds = np.load(path)[case.tags().any(1)]
         counts += [(seeds == 0).sum(), ((seeds > 0) & (seeds != IGNORE)).sum(), (seeds == IGNORE).sum()]
 
@@ -210,8 +194,8 @@ def run(ctx: StageContext) -> dict:
     # scaled with S so the trunk's activations stay ~ those of 32 slices at 128 x 128
     walk_batch = max(1, min(32, 32 * 128 * 128 // cohort.slice_size ** 2))
     for case in tqdm(cohort.cases, desc="refine walk", unit="case", dynamic_ncols=True):
-        lab_path, nii_path = ctx.dir / "labels" / f"{case.id}.npy", ctx.dir / f"{case.id}.nii.gz"
-        cams = _load_cams(cams_dir, case, k)
+        lab_path, nii_path = artifacts.label_stack_path(ctx.workdir, "refine", case.id), artifacts.mask_path(ctx.workdir, "refine", case.id)
+        cams = artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k)
         if lab_path.exists() and nii_path.exists():
             labels = np.load(lab_path)
         else:
@@ -220,7 +204,7 @@ def run(ctx: StageContext) -> dict:
             g = case.geometry
             write_label_map(nii_path, labels_to_source(g, labels, k + 1), g.affine_array, n_labels=k,
                             qform_code=g.qform_code, sform_code=g.sform_code)
-        before = ctx.stage_dir("pseudo-masks") / "labels" / f"{case.id}.npy"
+        before = artifacts.label_stack_path(ctx.workdir, "pseudo-masks", case.id)
         if before.exists():
             changed += int((np.load(before) != labels).sum())
             total += labels.size
@@ -232,14 +216,8 @@ def run(ctx: StageContext) -> dict:
             "changed_fraction": round(changed / total, 5) if total else None}
 
 
-def extra_inputs(ctx: StageContext) -> dict:
-    """The seed (AffinityNet's initialisation and batch order); device and threads do not re-run it."""
-    return {"seed": ctx.cfg.runtime.seed}
-
-
-STAGE = register(Stage(
-    name="refine", folder="refined_masks", sections=("refine", "cam", "anatomy"),
-    needs=("prepare", "sample", "pseudo-masks"), run=run, extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "refine", run,
     help="Refine pseudo-masks with AffinityNet and a random walk (optional; refine.enabled). "
          "Writes refined_masks/<case>.nii.gz on the source grid and labels/<case>.npy.",
     examples="ccam refine --workdir runs/demo --set refine.enabled=true\n"

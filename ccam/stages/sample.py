@@ -6,9 +6,9 @@ DESIGN section 2, "CAM" and "Coarse masks and global sampling":
   untagged classes, normalised per class), saved as ``cams/<id>.npy`` (N, K, S, S) float16;
 - Coarse_i = argmax over [tau, CAM_1..CAM_K] -> ``coarse/<id>.npy`` (N, S, S) uint8, and the same
   decision on the source grid -> ``coarse_masks/<id>.nii.gz`` (the "P-CAM" row of the ablation);
-- global_context M_GC = mean over *all training slices* of onehot(Coarse_i) -> ``m_gc.npy``
-  (C, S, S) float32; positional_indicator M_s = (M_GC > anatomy.eps) -> ``m_s.npy`` (C, S, S)
-  uint8; one PNG per class of each for a person to look at.
+- M_GC = mean over *all training slices* of onehot(Coarse_i) -> ``m_gc.npy`` (C, S, S) float32
+  and M_s = (M_GC > anatomy.eps) -> ``m_s.npy`` (C, S, S) uint8 (`ccam.anatomy.global_context`,
+  `ccam.anatomy.positional_indicator`); one PNG per class of each for a person to look at.
 
 Nothing here reads a ground-truth mask. A crash leaves finished cases in place; the re-run
 skips them and carries on.
@@ -20,50 +20,35 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from ccam import artifacts
+from ccam.anatomy import global_context, positional_indicator
 from ccam.cam import cams_for_slices, coarse_labels, coarse_mask_volume
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path, save_npy
 from ccam.io.volume import write_label_map
-from ccam.models.pcam import PCAM, load_trained_pcam
-from ccam.runner import Stage, StageContext, register
-from ccam.stages.train_pcam import use_flip
+from ccam.data.augment import use_flip
+from ccam.models.pcam import PCAM
+from ccam.stages import base
 from ccam.training import select_device
 
 log = logging.getLogger("ccam")
 
 
 def load_pcam(workdir, cfg, num_classes: int, device: torch.device) -> PCAM:
-    """P-CAM with the best weights of ``W/pcam``, in eval mode on ``device`` (`load_trained_pcam`)."""
-    model = load_trained_pcam(workdir, cfg, num_classes, device)
+    """P-CAM with the weights of stage `train-pcam`, in eval mode on ``device``, laid out for fast CPU convolutions."""
+    model = artifacts.load_pcam(workdir, cfg, num_classes, device)
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last)  # ~15 % faster convolutions on CPU (oneDNN)
     return model
 
 
-def case_outputs(out, case: PreparedCase) -> tuple:
-    return (out / "cams" / f"{case.id}.npy", out / "coarse" / f"{case.id}.npy", out / "coarse_masks" / f"{case.id}.nii.gz")
-
-
-def global_context(coarse_stacks, num_classes: int) -> tuple[np.ndarray, int]:
-    """M_GC (C, S, S) float32 = mean of onehot(Coarse_i) over all slices of ``coarse_stacks`` ((N, S, S) each)."""
-    counts, n = None, 0
-    for coarse in coarse_stacks:
-        onehot = F.one_hot(torch.as_tensor(np.asarray(coarse), dtype=torch.long), num_classes + 1)  # (N, S, S, C)
-        c = onehot.sum(0, dtype=torch.int64).permute(2, 0, 1)
-        counts = c if counts is None else counts + c
-        n += int(coarse.shape[0])
-    if counts is None or n == 0:
-        raise ValueError("no slices to average")
-    return (counts.double() / n).float().numpy(), n
-
-
-def positional_indicator(m_gc: np.ndarray, eps: float) -> np.ndarray:
-    """M_s (C, S, S) uint8 = 1 where M_GC > eps (eps = 0: wherever any coarse mask put the class)."""
-    return (m_gc > eps).astype(np.uint8)
+def case_outputs(workdir, case: PreparedCase) -> tuple:
+    """CAM stack, Coarse_i stack and coarse mask of one case (paths from `ccam.artifacts`)."""
+    return (artifacts.cam_stack_path(workdir, "sample", case.id), artifacts.label_stack_path(workdir, "sample", case.id),
+            artifacts.mask_path(workdir, "sample", case.id))
 
 
 def save_map_png(path, image: np.ndarray, title: str, binary: bool = False) -> None:
@@ -85,17 +70,17 @@ def save_map_png(path, image: np.ndarray, title: str, binary: bool = False) -> N
     plt.close(fig)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg, cc = ctx.cfg, ctx.cfg.cam
     cohort = Cohort(ctx.workdir)
     out = ctx.dir
     device = select_device(cfg)
     model = load_pcam(ctx.workdir, cfg, cohort.num_classes, device)
-    flip = use_flip(cc.flip_tta, cohort)
+    flip = use_flip(cc.flip_tta, cohort.classes)
     train_ids = {c.id for c in cohort.split("train")}
     if not train_ids:
         raise UserError("the prepared cohort has no training case", path=str(cohort.root), fix="mark cases 'train' in the manifest and re-run `ccam prepare`")
-    todo = [c for c in cohort.cases if not all(p.exists() for p in case_outputs(out, c))]
+    todo = [c for c in cohort.cases if not all(p.exists() for p in case_outputs(ctx.workdir, c))]
     if len(todo) < len(cohort.cases):
         log.info("sample: %d of %d cases already done, resuming", len(cohort.cases) - len(todo), len(cohort.cases))
     log.info("sample: CAM method %s, scales %s, flip TTA %s, tau %.3f, device %s", cc.method, list(cc.scales),
@@ -107,7 +92,7 @@ def run(ctx: StageContext) -> dict:
         explainer = gradient_explainer(model, cc.method)
     bar = tqdm(total=sum(c.n_slices for c in todo), desc="sample", unit="slice", dynamic_ncols=True)
     for case in todo:
-        cams_path, coarse_path, mask_path = case_outputs(out, case)
+        cams_path, coarse_path, mask_path = case_outputs(ctx.workdir, case)
         cams = cams_for_slices(model, case.slices(), case.tags(), method=cc.method, scales=cc.scales, flip=flip,
                                batch_size=cc.batch_size, device=device, explainer=explainer, progress=bar.update)
         coarse = coarse_labels(cams.float(), cc.tau).to(torch.uint8).numpy()
@@ -120,7 +105,7 @@ def run(ctx: StageContext) -> dict:
     bar.close()
 
     train_cases = cohort.split("train")
-    m_gc, n = global_context((np.load(case_outputs(out, c)[1]) for c in train_cases), cohort.num_classes)
+    m_gc, n = global_context((np.load(case_outputs(ctx.workdir, c)[1]) for c in train_cases), cohort.num_classes)
     m_s = positional_indicator(m_gc, cfg.anatomy.eps)
     save_npy(out / "m_gc.npy", m_gc)
     save_npy(out / "m_s.npy", m_s)
@@ -135,15 +120,8 @@ def run(ctx: StageContext) -> dict:
             "scales": list(cc.scales), "eps": cfg.anatomy.eps, "m_s_area": area}
 
 
-def extra_inputs(ctx: StageContext) -> dict:
-    # only anatomy.eps of the anatomy section shapes M_s (anatomy.enabled belongs to later stages);
-    # the runtime section (device, threads) does not change what is written
-    return {"anatomy.eps": ctx.cfg.anatomy.eps}
-
-
-STAGE = register(Stage(
-    name="sample", folder="sample", sections=("cam",), needs=("prepare", "train-pcam"), run=run,
-    extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "sample", run,
     help="CAMs of every slice from P-CAM, coarse masks (also as NIfTI on the source grid), and the "
          "global context M_GC and 1/0 positional indicators M_s from the training slices.",
     examples="ccam sample --workdir runs/demo\n"

@@ -21,21 +21,14 @@ from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ccam.data.augment import SliceAugment
+from ccam.data.augment import SliceAugment, use_flip
 from ccam.data.cohort import Cohort, SliceDataset
 from ccam.errors import UserError
 from ccam.models.pcam import PCAM
-from ccam.runner import Stage, StageContext, register
+from ccam.stages import base
 from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
 
 log = logging.getLogger("ccam")
-
-
-def use_flip(setting: str, cohort: Cohort) -> bool:
-    """``auto`` flips only when no class has a left/right twin (a flip swaps left and right organs)."""
-    if setting == "auto":
-        return not cohort.left_right_pair
-    return setting == "on"
 
 
 def build_optimizer(model: PCAM, pc) -> torch.optim.Optimizer:
@@ -69,7 +62,7 @@ def tag_metrics(logits: torch.Tensor, tags: torch.Tensor, classes: list[str]) ->
             "val_auc_class": {name: float(a) for name, a in zip(classes, auc)}}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg, pc = ctx.cfg, ctx.cfg.pcam
     cohort = Cohort(ctx.workdir)
     train_cases, val_cases = cohort.split("train"), cohort.split("val")
@@ -83,7 +76,7 @@ def run(ctx: StageContext) -> dict:
         n = model.load_pretrained(pc.pretrained)
         log.info("train-pcam: %d backbone tensors from %s", n, pc.pretrained)
     model.to(device)
-    flip = use_flip(pc.flip, cohort)
+    flip = use_flip(pc.flip, cohort.classes)
     augment = SliceAugment.from_pcam(pc, flip)
     bs = min(pc.batch_size, len(train_set))
     # a last batch of one slice would break batch norm; dropping it loses < 1 batch per epoch
@@ -136,13 +129,8 @@ def run(ctx: StageContext) -> dict:
             "best_val_f1": loop.best}
 
 
-def extra_inputs(ctx: StageContext) -> dict:
-    # of the runtime section only the seed changes the weights; threads, workers or device do not re-train
-    return {"runtime.seed": ctx.cfg.runtime.seed}
-
-
-STAGE = register(Stage(
-    name="train-pcam", folder="pcam", sections=("pcam",), needs=("prepare",), run=run, extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "train-pcam", run,
     help="Train P-CAM, the multi-label slice classifier whose CAMs give the coarse masks. "
          "Checkpoints every epoch; re-running resumes after the last complete epoch.",
     examples="ccam train-pcam --workdir runs/demo\n"

@@ -15,7 +15,6 @@ Writes ``seg/``: ``model.json`` (architecture and preprocessing, read by `predic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -30,39 +29,24 @@ from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScal
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
+from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import save_npy, write_json
 from ccam.io.geometry import labels_from_source
+from ccam.io.hashing import sha256_file
 from ccam.io.volume import read_volume
 from ccam.metrics import DiceAccumulator
 from ccam.models.segmenter import Segmenter, segmenter_spec
-from ccam.runner import RECORD, STAGES, Stage, StageContext, read_record_in, register, sha256_file, stage_status
-from ccam.training import EpochLoop, select_device
+from ccam.stages import base
+from ccam.training import EpochLoop, seed_everything, select_device
 
 log = logging.getLogger("ccam")
 
-# pipeline mask folders in order of preference: (stage name, folder in W)
-PIPELINE_MASKS = (("refine", "refined_masks"), ("pseudo-masks", "pseudo_masks"))
 MASK_SUFFIXES = (".nii.gz", ".nii")
 
 
 # -- where each case's mask comes from ---------------------------------------------------------
-
-_record = read_record_in
-
-
-def pipeline_mask_source(workdir: Path) -> Optional[tuple[str, Path]]:
-    """(stage name, folder) of the pipeline masks to train on: refined if enabled, else pseudo; None if neither ran."""
-    for name, folder in PIPELINE_MASKS:
-        rec = _record(Path(workdir) / folder)
-        if rec is None:
-            continue
-        if (rec.get("outputs") or {}).get("enabled", True) is False:  # refine ran but is switched off
-            continue
-        return name, Path(workdir) / folder
-    return None
-
 
 def dir_mask_file(masks_dir: Optional[Path], case_id: str) -> Optional[Path]:
     if masks_dir is None:
@@ -74,14 +58,9 @@ def dir_mask_file(masks_dir: Optional[Path], case_id: str) -> Optional[Path]:
     return None
 
 
-def extra_inputs(ctx: StageContext) -> dict:
-    """The seed, the record of the pipeline masks used and, with --masks, every mask file's content hash.
-
-    Only the seed of the runtime section: threads, workers or device must not retrain the U-Net."""
-    out: dict = {"runtime.seed": ctx.cfg.runtime.seed}
-    src = pipeline_mask_source(ctx.workdir)
-    if src is not None:
-        out["pipeline_masks"] = [src[0], hashlib.sha256((src[1] / RECORD).read_bytes()).hexdigest()]
+def extra_inputs(ctx: base.StageContext) -> dict:
+    """With --masks, every mask file's content hash (the pipeline masks' records are hashed as ``uses``)."""
+    out: dict = {"pipeline_masks": artifacts.pipeline_masks(ctx.workdir)}
     masks = ctx.options.get("masks")
     if masks is not None:
         d = Path(masks)
@@ -112,14 +91,14 @@ def mask_from_dir(path: Path, case: PreparedCase, num_classes: int) -> np.ndarra
     return labels_from_source(geom, arr.astype(np.int64), num_classes + 1)
 
 
-def resolve_masks(ctx: StageContext, cohort: Cohort, cases: list[PreparedCase]) -> dict[str, tuple[str, Path]]:
+def resolve_masks(ctx: base.StageContext, cohort: Cohort, cases: list[PreparedCase]) -> dict[str, tuple[str, Path]]:
     """case id -> (source, path of its (N, S, S) uint8 label stack); cases without any mask are left out."""
     masks_dir = Path(ctx.options["masks"]) if ctx.options.get("masks") else None
-    pipe = pipeline_mask_source(ctx.workdir)
-    if pipe is not None and pipe[0] in STAGES and stage_status(ctx.workdir, ctx.cfg, pipe[0]) != "done":
+    pipe = artifacts.pipeline_masks(ctx.workdir)
+    if pipe is not None and base.stage_status(ctx.workdir, ctx.cfg, pipe) != "done":
         # not an error: masks edited or written by hand in that folder are a legitimate input
         log.warning("train-seg: the %s masks are out of date (an earlier stage or its settings changed); "
-                    "`ccam %s --workdir %s` would remake them", pipe[0], pipe[0], ctx.workdir)
+                    "`ccam %s --workdir %s` would remake them", pipe, pipe, ctx.workdir)
     out: dict[str, tuple[str, Path]] = {}
     for case in cases:
         f = dir_mask_file(masks_dir, case.id)
@@ -128,8 +107,8 @@ def resolve_masks(ctx: StageContext, cohort: Cohort, cases: list[PreparedCase]) 
             if not stack_path.exists():  # converted once; a resumed run reuses it (same key = same files)
                 save_npy(stack_path, mask_from_dir(f, case, cohort.num_classes))
             out[case.id] = ("masks_dir", stack_path)
-        elif pipe is not None and (pipe[1] / "labels" / f"{case.id}.npy").exists():
-            out[case.id] = (pipe[1].name, pipe[1] / "labels" / f"{case.id}.npy")
+        elif (src := artifacts.pipeline_mask_stack(ctx.workdir, case.id)) is not None:
+            out[case.id] = (artifacts.stage_dir(ctx.workdir, src[0]).name, src[1])
     for cid, (_, p) in out.items():
         shape = np.load(p, mmap_mode="r").shape
         want = (cohort.case(cid).n_slices, cohort.slice_size, cohort.slice_size)
@@ -204,7 +183,7 @@ def predict_stack(model: torch.nn.Module, slices: np.ndarray, device: torch.devi
     return out
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg
     sc = cfg.seg
     cohort = Cohort(ctx.workdir)
@@ -232,6 +211,7 @@ def run(ctx: StageContext) -> dict:
         "spec": spec, "classes": cohort.classes, "slice_size": cohort.slice_size, "slice_axis": cohort.slice_axis,
         "modality": cohort.modality, "ct_window": list(cfg.data.ct_window), "mr_percentiles": list(cfg.data.mr_percentiles),
     })
+    seed_everything(cfg.runtime.seed)  # the initial weights depend on the seed only
     try:
         model = Segmenter.from_spec(spec)
     except ValueError as e:
@@ -283,9 +263,8 @@ def run(ctx: StageContext) -> dict:
             "final_loss": last.get("loss"), "best_val_dice": loop.best}
 
 
-STAGE = register(Stage(
-    name="train-seg", folder="seg", sections=("seg",), needs=("prepare",), run=run,
-    extra_inputs=extra_inputs,
+STAGE = base.register(base.stage(
+    "train-seg", run, extra_inputs=extra_inputs,
     help="Train the 2D U-Net segmenter on the refined masks, else the pseudo-masks (or on --masks DIR).",
     examples="ccam train-seg --workdir runs/demo\n"
              "ccam train-seg --workdir runs/demo --masks review/labels/final --set seg.epochs=40",

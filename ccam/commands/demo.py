@@ -16,8 +16,10 @@ from pathlib import Path
 
 import click
 
-from ccam.config import REPO_CONFIGS, resolve, save
+from ccam import artifacts
+from ccam.config import REPO_CONFIGS, apply_threads, resolve, save
 from ccam.errors import UserError
+from ccam.reports import stage_dice_table
 
 log = logging.getLogger("ccam")
 
@@ -48,30 +50,14 @@ def ensure_cohort(data_dir: Path, n_cases: int, seed: int) -> Path:
 
 
 def dice_table(report: dict) -> str:
-    """Markdown table of Dice (%) per stage, split and class from ``reports/evaluation.json``."""
-    classes = report["classes"]
-    lines = ["| masks | split | cases | " + " | ".join(classes) + " | mean |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in classes) + " | ---: |"]
-    for name, st in report["stages"].items():
-        for split, s in st["summary"].items():
-            cells = []
-            for c in list(classes) + ["mean"]:
-                m = s["dice"][c]["mean"]
-                cells.append("-" if m is None else f"{100 * m:.1f}")
-            lines.append(f"| {name} | {split} | {s['n_cases']} | " + " | ".join(cells) + " |")
-    for name, sw in report.get("tau_sweep", {}).items():
-        o = sw["oracle"]
-        cells = ["-" if o["dice"][c] is None else f"{100 * o['dice'][c]:.1f}" for c in classes]
-        mean = "-" if o["mean_dice"] is None else f"{100 * o['mean_dice']:.1f}"
-        lines.append(f"| {name} CAMs, oracle tau={o['tau']} | train | {sw['n_cases']} | " + " | ".join(cells) + f" | {mean} |")
-    return "\n".join(lines)
+    """Markdown table of Dice (%) per stage, split and class from ``reports/evaluation.json``, with the oracle-tau rows."""
+    return "\n".join(stage_dice_table(report, "dice", std=False, oracle=True))
 
 
 def run_demo(workdir: Path, n_cases: int = 20, seed: int = 0, config_file=None, sets=()) -> dict:
     """Generate, run, evaluate and export; returns {stages: [(name, seconds, ran)], report, exports}."""
     from ccam.export.review import export_review
-    from ccam.runner import RECORD, WorkdirLock, get_stage, load_pipeline, read_record, run_pipeline
-    from ccam.training import configure_threads
+    from ccam.runner import WorkdirLock, get_stage, load_pipeline, read_record, run_pipeline
 
     workdir = Path(workdir)
     t0 = time.time()
@@ -79,15 +65,12 @@ def run_demo(workdir: Path, n_cases: int = 20, seed: int = 0, config_file=None, 
         manifest = ensure_cohort(workdir / "data", n_cases, seed)
         cfg = resolve(workdir, config_file or REPO_CONFIGS / "demo.yaml", sets)
         save(cfg, workdir)
-        configure_threads(cfg)
+        apply_threads(cfg)
         ran = run_pipeline(workdir, cfg, manifest=str(manifest))
         names = [s if isinstance(s, str) else s["stage"] for s in load_pipeline()["stages"]]
         timings = [(n, (read_record(workdir, get_stage(n)) or {}).get("duration_s"), n in ran) for n in names]
         exports = {}
-        refine = workdir / "refined_masks" / RECORD
-        train_masks = "refine" if refine.exists() and json.loads(refine.read_text()).get("outputs", {}).get("enabled", True) is not False \
-            else "pseudo-masks"
-        for stage in (train_masks, "predict"):
+        for stage in (artifacts.pipeline_masks(workdir) or "pseudo-masks", "predict"):
             try:
                 prov = export_review(workdir, stage, workdir / "export" / stage)
                 exports[stage] = str(workdir / "export" / stage)
