@@ -198,3 +198,27 @@ def test_dicom_seg_round_trip(phantom_manifest, cli, tmp_path):
     write_stage(work, {"case000": gt[:, :, :-1]}, {"case000": grid.affine})
     with pytest.raises(UserError, match="case case000: .*grid"):
         export_dicom_seg(work, "pseudo-masks", tmp_path / "seg2")
+
+
+def _export_has_format() -> bool:
+    import ccam.cli
+
+    ccam.cli._register_stage_commands()
+    cmd = ccam.cli.cli.commands.get("export")
+    return cmd is not None and any("--format" in p.opts for p in cmd.params)
+
+
+@pytest.mark.skipif(not _export_has_format(), reason="`ccam export` has no --format option yet (see the integration "
+                                                     "note: ccam/commands/export.py calls ccam.export.nnunet/seg_nrrd/dicom_seg)")
+def test_export_formats_through_the_cli(work, cli, tmp_path):
+    rc, _, err = cli("export", "--workdir", work, "--stage", "pseudo-masks", "--format", "nnunet", "--dataset-id", "12",
+                     "--name", "Phantom", "--out", tmp_path / "raw")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "raw" / "Dataset012_Phantom" / "dataset.json").read_text())["numTraining"] == 7
+    rc, _, err = cli("export", "--workdir", work, "--stage", "pseudo", "--format", "seg.nrrd", "--out", tmp_path / "slicer")
+    assert rc == 0 and len(list((tmp_path / "slicer").glob("*.seg.nrrd"))) == 8, err
+    rc, _, err = cli("export", "--workdir", work, "--stage", "pseudo-masks", "--format", "dicom-seg", "--out", tmp_path / "dcm")
+    assert rc == 2 and "no case of this cohort has a DICOM series" in err and "Traceback" not in err
+    rc, _, err = cli("export", "--workdir", work, "--stage", "pseudo-masks", "--format", "nnunet", "--name", "bad name",
+                     "--out", tmp_path / "raw")
+    assert rc == 2 and "letters, digits" in err
