@@ -323,3 +323,49 @@ def test_round_trip_decisions_change_training(work, cli, tmp_path):
     rc, _, err = cli("train-seg", "--workdir", work, *sets)
     assert rc == 0, err
     assert json.loads((work / "seg" / "mask_sources.json").read_text())[rejected]["source"] == "pseudo_masks"
+
+
+def test_missing_mask_on_tagged_slices_and_confidence_files(work):
+    from ccam.review.flags import case_confidence
+
+    co = Cohort(work)
+    case = co.case("case002")
+    image = read_volume(case.image_path)
+    gt = gt_masks(work)["case002"]
+    axis = case.geometry.perm[0]
+    liver_slices = np.flatnonzero(case.tags()[:, LIVER - 1])
+
+    def without(slices):
+        m = np.moveaxis(gt.copy(), axis, 0)
+        for s in slices:
+            m[s][m[s] == LIVER] = 0
+        return np.moveaxis(m, 0, axis)
+
+    gap = measure_case(case, image.array, without([liver_slices[len(liver_slices) // 2]]), image.affine, co.classes)
+    # a hole inside the organ's slice range (which also cuts the liver in two)
+    assert codes(gap) == {("missing_on_tagged", "liver"), ("split", "liver")}
+    end = measure_case(case, image.array, without([liver_slices[-1]]), image.affine, co.classes)
+    assert end["flags"] == [] and end["classes"][0]["missing_slices"] == [int(liver_slices[-1])]  # one end slice: boundary
+    gone = measure_case(case, image.array, without(liver_slices), image.affine, co.classes)
+    assert codes(gone) == {("missing_on_tagged", "liver")}
+
+    # confidence from what the stage kept: pseudo-masks' CAMs (margin), predictions' probabilities (entropy)
+    n = case.n_slices
+    labels = np.zeros((n, 32, 32), np.uint8)
+    labels[:, 8:16, 8:16] = 1
+    cams = np.zeros((n, 4, 32, 32), np.float16)
+    cams[:, 0, 8:16, 8:16] = 0.3  # barely above tau
+    save_npy(work / "pseudo_masks" / "labels" / "case002.npy", labels)
+    save_npy(work / "pseudo_masks" / "cams" / "case002.npy", cams)
+    conf = case_confidence(work, "pseudo-masks", {"outputs": {"tau": 0.25}}, case, gt)
+    assert conf["kind"] == "CAM margin" and conf["low"] and conf["value"] == pytest.approx(0.05, abs=1e-3)
+    reviewed = measure_case(case, image.array, gt, image.affine, co.classes, conf)
+    assert codes(reviewed) == {("low_confidence", None)}
+    probs = np.zeros((5,) + gt.shape, np.float16)
+    for k in range(5):
+        probs[k][gt == k] = 1.0
+    (work / "predictions").mkdir()
+    np.savez(work / "predictions" / "case002.npz", probabilities=probs)
+    sure = case_confidence(work, "predict", {}, case, gt)
+    assert sure["kind"] == "probability entropy" and not sure["low"] and sure["value"] < 0.01
+    assert case_confidence(work, "refine", {}, case, gt)["value"] is None  # the stage kept nothing: not invented

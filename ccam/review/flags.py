@@ -4,7 +4,8 @@ Everything here reads only the masks, the slice tags and the images (for the bod
 it works on any cohort. Flags, by code:
 
 ``untagged_mask``   the class is drawn on slices whose tag says it is absent
-``missing_on_tagged`` slices tagged with the class carry no mask of it
+``missing_on_tagged`` slices tagged with the class carry no mask of it (a gap inside the mask's
+                    slice range, or more than one slice: a single missed end slice is a boundary effect)
 ``split``           more than one sizeable connected component (>= 10 % of the largest and >= 1 mL)
 ``wrong_side``      a left/right twin whose centroid lies on the other side of the body midline
 ``volume_outlier``  the class volume is far from the cohort's median (robust z-score, |z| > 3.5)
@@ -119,7 +120,8 @@ def measure_case(case: PreparedCase, image: np.ndarray, mask: np.ndarray, affine
             flags.append({"code": "untagged_mask", "class": name,
                           "text": f"{name} is drawn on {len(untagged)} slice(s) tagged as not containing it "
                                   f"(slices {_ranges(untagged)})"})
-        if len(missing):
+        inner = [s for s in missing if present[:s].any() and present[s + 1:].any()]
+        if inner or len(missing) > 1:
             flags.append({"code": "missing_on_tagged", "class": name,
                           "text": f"{len(missing)} slice(s) tagged with {name} have no {name} mask (slices {_ranges(missing)})"})
         if k in twins and n_vox:
