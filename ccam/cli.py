@@ -117,7 +117,7 @@ def run_cmd(manifest, workdir, config_file, sets, pipeline, until, from_) -> Non
 
     \b
     Examples:
-      ccam run --manifest data_manifests/demo.json --workdir runs/demo --config configs/demo.yaml
+      ccam run --manifest data_manifests/abdomen_mr_ranges.json --workdir runs/mr --config configs/demo.yaml
       ccam run --workdir runs/demo --from train-ccam --set ccam.epochs=10
       ccam run --manifest m.json --workdir runs/x --until sample
     """

@@ -37,6 +37,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last: bool, num_workers: int, desc: str,
+                   optimizer: torch.optim.Optimizer, scheduler=None,
+                   loss_of: Callable[[dict, torch.Generator], tuple[torch.Tensor, int]]) -> float:
+    """One training epoch over ``dataset`` shuffled by a generator seeded with (seed, epoch); returns the mean loss.
+
+    ``loss_of(batch, generator)`` gives (loss, slices in the batch); the same generator that
+    shuffled the batches is passed on for augmentation, so an epoch is reproducible on its own
+    (a resumed run draws what the uninterrupted one drew).
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen, num_workers=num_workers)
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    for batch in bar:
+        loss, size = loss_of(batch, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * size
+        n += size
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(1, n)
+
+
 def poly_lambda(total_steps: int, power: float) -> Callable[[int], float]:
     """Poly decay (1 - step / total) ** power, stepped once per iteration."""
     total = max(1, total_steps)

@@ -19,6 +19,7 @@ import click
 from ccam import artifacts
 from ccam.config import REPO_CONFIGS, apply_threads, resolve, save
 from ccam.errors import UserError
+from ccam.io.atomic import read_json
 from ccam.reports import stage_dice_table
 
 log = logging.getLogger("ccam")
@@ -32,10 +33,7 @@ def ensure_cohort(data_dir: Path, n_cases: int, seed: int) -> Path:
 
     manifest = data_dir / "manifest.json"
     if manifest.exists():
-        try:
-            m = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, OSError):
-            m = {}
+        m = read_json(manifest, {})
         if len(m.get("cases", [])) == n_cases and m.get("name") == f"phantom-MR-{seed}":
             log.info("demo: reusing the synthetic cohort in %s", data_dir)
             return manifest

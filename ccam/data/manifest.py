@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ccam.errors import ManifestError, UserError
 from ccam.io.volume import read_header, read_volume, slice_axis_of
@@ -24,22 +24,41 @@ SPLITS = ("train", "val", "test")
 
 
 class CaseEntry(BaseModel):
+    """One patient's volume."""
+
     model_config = ConfigDict(extra="forbid")
-    id: str
-    image: str
-    tags: Union[dict[str, list[list[int]]], str, None] = None
-    mask: Optional[str] = None
-    split: str = "train"
+    id: str = Field(description="Case id, unique in the cohort; outputs are named <id>.nii.gz.")
+    image: str = Field(description="Volume path relative to the manifest's folder: NIfTI (.nii, .nii.gz), MHA/MHD, "
+                                   "NRRD, or a folder holding one DICOM series.")
+    tags: Union[dict[str, list[list[int]]], str, None] = Field(
+        None, description="Slice-level tags. Either per class a list of inclusive [start, end] ranges of 0-based slice "
+                          "indices along slice_axis in the file's own voxel order (what a viewer shows), or the path of "
+                          "a CSV file with a header 'slice,<class>,...' and one 0/1 row per slice. Omit with "
+                          "tags_from_masks.")
+    mask: Optional[str] = Field(None, description="Ground-truth label map on the image's grid (label = class index + 1). "
+                                                  "Used only for evaluation (and by tags_from_masks); never for training.")
+    split: str = Field("train", description="train, val or test; splits are by patient, never by slice.")
 
 
 class ManifestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    modality: Literal["CT", "MR"]
-    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
-    classes: list[str]
-    tags_from_masks: bool = False
+    """A ccam data manifest: a cohort of volumes with slice-level tags (DESIGN section 3)."""
+
+    model_config = ConfigDict(extra="forbid", title="ccam data manifest")
+    name: str = Field(description="Name of the cohort (shown in reports).")
+    modality: Literal["CT", "MR"] = Field(description="CT: HU windowing (data.ct_window); MR: percentile normalisation.")
+    slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
+        "axial", description="Anatomical axis the tags run along, resolved from each file's affine whatever its storage order.")
+    classes: list[str] = Field(description="Foreground classes; label value in every mask = index + 1, 0 = background. "
+                                           "Name left/right twins left_<x> / right_<x> so laterality is handled.")
+    tags_from_masks: bool = Field(False, description="Derive the tags from each case's mask (benchmarks only); still no "
+                                                     "training step reads the mask's voxels.")
     cases: list[CaseEntry]
+
+
+def manifest_schema() -> dict:
+    """The JSON Schema of a manifest, generated from `ManifestModel` (``data_manifests/manifest.schema.json``)."""
+    schema = ManifestModel.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 @dataclass

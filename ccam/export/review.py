@@ -27,7 +27,7 @@ from ccam import __version__, artifacts
 from ccam.data.cohort import Cohort
 from ccam.errors import UserError
 from ccam.export.labels import write_label_descriptions
-from ccam.io.atomic import atomic_path, write_json
+from ccam.io.atomic import atomic_path, read_json, write_json
 from ccam.io.hashing import sha256_file
 from ccam.io.volume import Volume, read_volume, write_label_map
 from ccam.stages.base import folder_of
@@ -81,10 +81,7 @@ def export_review(workdir: Path, stage: str, out: Path) -> dict:
     record_sha = hashlib.sha256(rec_path.read_bytes()).hexdigest()
     prov_path = out / "provenance.json"
     if prov_path.exists():
-        try:
-            old = json.loads(prov_path.read_text())
-        except (json.JSONDecodeError, OSError):
-            old = {}
+        old = read_json(prov_path, {})
         if old.get("stage_record", {}).get("sha256") == record_sha and all(
                 (out / "images" / f"{c}.nii.gz").exists() and (out / "labels" / "original" / f"{c}.nii.gz").exists()
                 for c in old.get("cases", [])):

@@ -68,6 +68,14 @@ def write_json(final: str | os.PathLike, obj: Any) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON value of a file, or ``default`` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return default
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)

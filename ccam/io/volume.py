@@ -79,6 +79,10 @@ def _read_sitk(path: Path, case: str | None, header_only: bool):
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if len(series) > 1:
+                raise UserError(f"folder holds {len(series)} DICOM series ({', '.join(series[:4])}{', ...' if len(series) > 4 else ''})",
+                                case=case, path=str(path), fix="move each series into its own folder and point to one")
             files = reader.GetGDCMSeriesFileNames(str(path))
             if not files:
                 raise UserError("folder holds no DICOM series", case=case, path=str(path), fix="point to a NIfTI/MHA/NRRD file or a DICOM series folder")
@@ -107,15 +111,15 @@ def _read_sitk(path: Path, case: str | None, header_only: bool):
         raise UserError(f"cannot read image ({str(e).strip().splitlines()[-1][:160]})", case=case, path=str(path), fix="check the file is a valid, complete image")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         _squeeze_3d(tuple(img.GetSize()) + ((2,) if img.GetNumberOfComponentsPerPixel() > 1 else ()), path, case)
+    if header_only:  # a DICOM series: its header comes with the read
+        return tuple(int(v) for v in img.GetSize()), _sitk_affine(img)
     arr = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0)  # (z,y,x) -> (x,y,z) = index order
     return np.array(arr), _sitk_affine(img)
 
 
 def read_header(path: str | Path, case: str | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape (I, J, K) and RAS affine without reading the voxels."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError("file not found", case=case, path=str(path), fix="check the path in the manifest")
+    path = _existing(path, case)
     if _is_nifti(path):
         try:
             img = nib.load(str(path))
@@ -125,11 +129,16 @@ def read_header(path: str | Path, case: str | None = None) -> tuple[tuple[int, i
     return _read_sitk(path, case, header_only=True)
 
 
-def read_volume(path: str | Path, case: str | None = None, dtype=None) -> Volume:
-    """Read a 3D volume; raise UserError naming the case and file for anything unreadable."""
+def _existing(path: str | Path, case: str | None) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError("file not found", case=case, path=str(path), fix="check the path in the manifest")
+    return path
+
+
+def read_volume(path: str | Path, case: str | None = None, dtype=None) -> Volume:
+    """Read a 3D volume; raise UserError naming the case and file for anything unreadable."""
+    path = _existing(path, case)
     if _is_nifti(path):
         try:
             img = nib.load(str(path))

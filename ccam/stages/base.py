@@ -19,12 +19,12 @@ record. Staleness so propagates to everything downstream.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ccam.errors import UserError
+from ccam.io.atomic import read_json
 from ccam.io.hashing import sha256_if_exists, sha256_json
 
 RECORD = "_stage.json"
@@ -125,13 +125,7 @@ class StageContext:
 
 def read_record_in(folder: Path) -> Optional[dict]:
     """The `_stage.json` of a stage folder, or None when absent or unreadable."""
-    p = Path(folder) / RECORD
-    if not p.exists():
-        return None
-    try:
-        rec = json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return None
+    rec = read_json(Path(folder) / RECORD)
     return rec if isinstance(rec, dict) else None
 
 

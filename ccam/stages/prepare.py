@@ -115,7 +115,7 @@ def extra_inputs(ctx: base.StageContext) -> dict:
 STAGE = base.register(base.stage(
     "prepare", run, extra_inputs=extra_inputs,
     help="Validate a manifest and write normalised S x S slices, slice tags and per-case geometry.",
-    examples="ccam prepare --manifest data_manifests/demo.json --workdir runs/demo\n"
+    examples="ccam prepare --manifest data_manifests/abdomen_mr_ranges.json --workdir runs/mr\n"
              "ccam prepare --manifest cohort.json --workdir runs/ct --set data.slice_size=128",
     options=[click.Option(["--manifest", "-m"], type=click.Path(dir_okay=False), required=False,
                           help="Data manifest (JSON, DESIGN section 3).")],

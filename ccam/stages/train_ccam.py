@@ -17,7 +17,6 @@ import math
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.data.augment import random_affines, warp as warp_maps
@@ -25,7 +24,7 @@ from ccam.data.cohort import Cohort, PreparedCase, SliceDataset
 from ccam.errors import UserError
 from ccam.models.ccam import build_ccam
 from ccam.stages import base
-from ccam.training import EpochLoop, load_checkpoint, poly_lambda, seed_everything, select_device
+from ccam.training import EpochLoop, load_checkpoint, poly_lambda, seed_everything, select_device, shuffled_epoch
 
 log = logging.getLogger("ccam")
 
@@ -77,30 +76,22 @@ def run(ctx: base.StageContext) -> dict:
                      select="val_loss" if len(val_set) else None, mode="min", title="train-ccam")
     criterion = torch.nn.BCEWithLogitsLoss()
 
+    def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+        x, tags, coarse = batch["image"].to(device), batch["tags"].to(device), batch["coarse"].to(device)
+        warp = None
+        if cc.augment:
+            # one affine per slice for the image and (inside the model) for M_c; never a flip
+            warp = random_affines(x.shape[0], cc.aug_scale, cc.aug_rotate_deg, flip=False, generator=gen).to(device)
+            x = warp_maps(x, warp)
+        return criterion(model(x, coarse=coarse, warp=warp), tags), x.shape[0]
+
     def train_epoch(epoch: int) -> dict:
-        gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + epoch)
-        loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=drop_last, generator=gen,
-                            num_workers=cfg.runtime.num_workers)
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"train-ccam {epoch + 1}/{cc.epochs}", unit="batch", dynamic_ncols=True, leave=False)
-        for batch in bar:
-            x, tags, coarse = batch["image"].to(device), batch["tags"].to(device), batch["coarse"].to(device)
-            warp = None
-            if cc.augment:
-                # one affine per slice for the image and (inside the model) for M_c; never a flip
-                warp = random_affines(x.shape[0], cc.aug_scale, cc.aug_rotate_deg, flip=False, generator=gen).to(device)
-                x = warp_maps(x, warp)
-            loss = criterion(model(x, coarse=coarse, warp=warp), tags)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * x.shape[0]
-            n += x.shape[0]
-            bar.set_postfix(loss=f"{total / n:.4f}")
+        loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,
+                              num_workers=cfg.runtime.num_workers, desc=f"train-ccam {epoch + 1}/{cc.epochs}",
+                              optimizer=optimizer, scheduler=scheduler, loss_of=loss_of)
         # how much the classifier leans on the location prior M_c (0 = still P-CAM)
         m_c_weight = float(model.classifier.weight.detach()[:, -1].abs().mean())
-        return {"loss": total / max(1, n), "lr": optimizer.param_groups[0]["lr"], "m_c_weight": m_c_weight}
+        return {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "m_c_weight": m_c_weight}
 
     def validate(epoch: int) -> dict:
         loader = DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.runtime.num_workers)

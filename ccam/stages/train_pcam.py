@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ccam.data.augment import SliceAugment, use_flip
 from ccam.data.cohort import Cohort, SliceDataset
 from ccam.errors import UserError
 from ccam.models.pcam import PCAM
 from ccam.stages import base
-from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
+from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device, shuffled_epoch
 
 log = logging.getLogger("ccam")
 
@@ -92,24 +91,15 @@ def run(ctx: base.StageContext) -> dict:
     if not len(val_set):
         log.warning("train-pcam: no validation cases; checkpoint_best is the final model")
 
+    def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+        x = augment(batch["image"].to(device), generator=gen)
+        return F.binary_cross_entropy_with_logits(model(x), batch["tags"].to(device)), x.shape[0]
+
     def train_epoch(epoch: int) -> dict:
-        gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + epoch)
-        loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=drop_last, generator=gen,
-                            num_workers=cfg.runtime.num_workers)
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"train-pcam {epoch + 1}/{pc.epochs}", unit="batch", dynamic_ncols=True, leave=False)
-        for batch in bar:
-            x = augment(batch["image"].to(device), generator=gen)
-            tags = batch["tags"].to(device)
-            loss = F.binary_cross_entropy_with_logits(model(x), tags)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * x.shape[0]
-            n += x.shape[0]
-            bar.set_postfix(loss=f"{total / n:.4f}")
-        return {"loss": total / max(1, n), "lr": optimizer.param_groups[0]["lr"]}
+        loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,
+                              num_workers=cfg.runtime.num_workers, desc=f"train-pcam {epoch + 1}/{pc.epochs}",
+                              optimizer=optimizer, scheduler=scheduler, loss_of=loss_of)
+        return {"loss": loss, "lr": optimizer.param_groups[0]["lr"]}
 
     def validate(epoch: int) -> dict:
         loader = DataLoader(val_set, batch_size=max(bs, 32), shuffle=False, num_workers=cfg.runtime.num_workers)
