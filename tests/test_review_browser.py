@@ -50,7 +50,8 @@ window.addEventListener("load", function () {
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            "--allow-file-access-from-files", f"--user-data-dir={profile}", "--virtual-time-budget=8000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    # chromium may print non-UTF-8 bytes on stderr (GPU and font probes): decode leniently
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def probe(page: Path, profile: Path) -> tuple[dict, str]:

@@ -137,3 +137,33 @@ class SliceDataset(Dataset):
         img = torch.from_numpy(np.array(self._slices(ci)[s], dtype=np.float32))[None]
         return {"image": img, "tags": torch.from_numpy(self._tags[ci][s].astype(np.float32)),
                 "case": self.cases[ci].id, "index": s}
+
+
+def label_stack_from_file(path, case: PreparedCase, num_classes: int, what: str = "mask") -> np.ndarray:
+    """A label map file on the case's source grid (e.g. a mask a reviewer corrected) -> (N, S, S) uint8 stack.
+
+    A UserError naming the case and file when it is not on the image's grid, not integer, or has
+    labels outside 0..K."""
+    from ccam.io.geometry import labels_from_source
+    from ccam.io.volume import read_volume
+
+    vol = read_volume(path, case=case.id)
+    geom = case.geometry
+    if tuple(vol.array.shape) != tuple(geom.shape):
+        raise UserError(f"{what} is not on the case's source grid (shape {tuple(vol.array.shape)}, the image {tuple(geom.shape)})", case=case.id, path=str(path),
+                        fix="save the mask on the image's grid (in ITK-SNAP/Slicer: a segmentation of the exported image)")
+    if not np.allclose(vol.affine, geom.affine_array, atol=1e-3):
+        raise UserError(f"{what} is not on the case's source grid (the image's shape, but another position or orientation)", case=case.id, path=str(path),
+                        fix="save the mask on the image's grid (same affine), or resample it onto the image")
+    arr = np.asarray(vol.array)
+    if not np.issubdtype(arr.dtype, np.integer):
+        rounded = np.rint(arr)
+        if not np.allclose(arr, rounded):
+            raise UserError(f"{what} has non-integer values", case=case.id, path=str(path), fix="save it as an integer label map")
+        arr = rounded
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > num_classes:
+        raise UserError(f"{what} has label values {lo}..{hi}, expected 0..{num_classes}", case=case.id, path=str(path),
+                        fix="use 0 for background and k for the k-th class of the manifest (see labels.json)")
+    return labels_from_source(geom, arr.astype(np.int64), num_classes + 1)
+

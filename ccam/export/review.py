@@ -65,19 +65,43 @@ def resolve_stage(stage: str) -> str:
     return name
 
 
-def export_review(workdir: Path, stage: str, out: Path) -> dict:
-    """Export ``stage``'s masks of the run in ``workdir`` to ``out``; returns the provenance record."""
-    workdir, out = Path(workdir), Path(out)
+def stage_masks(workdir: Path, stage: str) -> tuple[str, Path, dict]:
+    """(stage name, folder of its ``<id>.nii.gz`` masks, its record); UserError when it has none."""
+    workdir = Path(workdir)
     name = resolve_stage(stage)
-    rec_folder, mask_folder, ckpt_folders = EXPORTABLE[name]
+    rec_folder, mask_folder, _ = EXPORTABLE[name]
     rec_path = workdir / rec_folder / "_stage.json"
     if not rec_path.exists():
         raise UserError(f"stage '{name}' has not finished in this work directory", path=str(workdir),
                         fix=f"run `ccam {name} --workdir {workdir}` (or `ccam run`) first")
-    record = json.loads(rec_path.read_text())
+    try:
+        record = json.loads(rec_path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        raise UserError("the stage record is unreadable", path=str(rec_path), fix=f"re-run `ccam {name} --workdir {workdir}`")
     if (record.get("outputs") or {}).get("enabled", True) is False:
         raise UserError(f"stage '{name}' is disabled in this run, so it wrote no masks", path=str(rec_path),
-                        fix="export pseudo-masks instead, or enable it (--set refine.enabled=true) and re-run")
+                        fix="use pseudo-masks instead, or enable it (--set refine.enabled=true) and re-run")
+    return name, workdir / mask_folder, record
+
+
+def case_image_and_mask(workdir: Path, name: str, cohort: Cohort, mask_file: Path) -> tuple[str, Volume, Volume]:
+    """(case id, image, mask) of one ``<id>.nii.gz`` mask of stage ``name``; UserError when the mask is off the image's grid."""
+    cid = mask_file.name[:-7]
+    case = cohort.case(cid)
+    image = read_volume(case.image_path, case=cid)
+    mask = read_volume(mask_file, case=cid)
+    if tuple(mask.array.shape) != tuple(image.array.shape) or not np.allclose(mask.affine, image.affine, atol=1e-3):
+        raise UserError(f"mask is not on the image's grid (shape {mask.array.shape} vs {image.array.shape})", case=cid,
+                        path=str(mask_file), fix=f"re-run `ccam {name} --workdir {workdir}`")
+    return cid, image, mask
+
+
+def export_review(workdir: Path, stage: str, out: Path) -> dict:
+    """Export ``stage``'s masks of the run in ``workdir`` to ``out``; returns the provenance record."""
+    workdir, out = Path(workdir), Path(out)
+    name, _, record = stage_masks(workdir, stage)
+    rec_folder, mask_folder, ckpt_folders = EXPORTABLE[name]
+    rec_path = workdir / rec_folder / "_stage.json"
     record_sha = hashlib.sha256(rec_path.read_bytes()).hexdigest()
     prov_path = out / "provenance.json"
     if prov_path.exists():
@@ -106,13 +130,7 @@ def export_review(workdir: Path, stage: str, out: Path) -> dict:
 
     written = {}
     for f in tqdm(cases, desc=f"export {name}", unit="case", dynamic_ncols=True):
-        cid = f.name[:-7]
-        case = cohort.case(cid)
-        image = read_volume(case.image_path, case=cid)
-        mask = read_volume(f, case=cid)
-        if tuple(mask.array.shape) != tuple(image.array.shape) or not np.allclose(mask.affine, image.affine, atol=1e-3):
-            raise UserError(f"mask is not on the image's grid (shape {mask.array.shape} vs {image.array.shape})", case=cid,
-                            path=str(f), fix=f"re-run `ccam {name} --workdir {workdir}`")
+        cid, image, mask = case_image_and_mask(workdir, name, cohort, f)
         img_out = write_image(out / "images" / f"{cid}.nii.gz", image)
         lab_out = write_label_map(out / "labels" / "original" / f"{cid}.nii.gz", np.asarray(mask.array), image.affine,
                                   n_labels=cohort.num_classes, qform_code=image.qform_code, sform_code=image.sform_code)

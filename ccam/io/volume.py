@@ -21,6 +21,18 @@ from ccam.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+MASK_SUFFIXES = (".nii.gz", ".nii")  # label maps users hand back (e.g. corrected in ITK-SNAP or Slicer)
+
+
+def mask_file(folder, case_id: str):
+    """``folder/<case_id>.nii.gz`` (or ``.nii``) when it exists, else None (also for folder None)."""
+    if folder is None:
+        return None
+    for suffix in MASK_SUFFIXES:
+        p = Path(folder) / f"{case_id}{suffix}"
+        if p.is_file():
+            return p
+    return None
 AXIS_OF_SLICE = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS world axis normal to the slice
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

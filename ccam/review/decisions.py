@@ -29,13 +29,13 @@ import numpy as np
 
 from ccam.errors import UserError
 from ccam.io.atomic import save_npy, write_json
+from ccam.io.volume import mask_file
 
 log = logging.getLogger("ccam")
 
 DECISIONS = ("accept", "edit", "reject")
 ALIASES = {"accept": "accept", "accepted": "accept", "ok": "accept", "edit": "edit", "edited": "edit",
            "needs edit": "edit", "needs-edit": "edit", "needs_edit": "edit", "reject": "reject", "rejected": "reject"}
-MASK_SUFFIXES = (".nii.gz", ".nii")
 
 
 def decisions_path(workdir: Path) -> Path:
@@ -132,13 +132,7 @@ def record_decisions(workdir: Path, decisions: dict[str, dict], *, source: str, 
 
 
 def edited_mask_file(case_id: str, folder: Optional[Path]) -> Optional[Path]:
-    if folder is None:
-        return None
-    for suffix in MASK_SUFFIXES:
-        p = Path(folder) / f"{case_id}{suffix}"
-        if p.is_file():
-            return p
-    return None
+    return mask_file(folder, case_id)
 
 
 def _final_dir(entry: dict, override: Optional[Path]) -> Optional[Path]:
@@ -183,26 +177,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def edited_stack(path: Path, case, num_classes: int) -> np.ndarray:
     """An edited label NIfTI on the case's source grid -> (N, S, S) uint8 stack; UserError if it does not fit."""
-    from ccam.io.geometry import labels_from_source
-    from ccam.io.volume import read_volume
+    from ccam.data.cohort import label_stack_from_file
 
-    vol = read_volume(path, case=case.id)
-    geom = case.geometry
-    if tuple(vol.array.shape) != tuple(geom.shape) or not np.allclose(vol.affine, geom.affine_array, atol=1e-3):
-        raise UserError(f"edited mask is not on the case's source grid (shape {tuple(vol.array.shape)} vs {tuple(geom.shape)}, "
-                        "or a different affine)", case=case.id, path=str(path),
-                        fix="save the mask on the image's grid (in ITK-SNAP/Slicer: segmentation of the exported image)")
-    arr = np.asarray(vol.array)
-    if not np.issubdtype(arr.dtype, np.integer):
-        rounded = np.rint(arr)
-        if not np.allclose(arr, rounded):
-            raise UserError("edited mask has non-integer values", case=case.id, path=str(path), fix="save it as a label map")
-        arr = rounded
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > num_classes:
-        raise UserError(f"edited mask has label values {lo}..{hi}, expected 0..{num_classes}", case=case.id, path=str(path),
-                        fix="use 0 for background and k for the k-th class (see labels.json)")
-    return labels_from_source(geom, arr.astype(np.int64), num_classes + 1)
+    return label_stack_from_file(path, case, num_classes, what="edited mask")
 
 
 def apply_decisions(workdir: Path, sources: dict[str, tuple[str, Path]], final_dir: Optional[Path] = None,
@@ -274,7 +251,7 @@ def reviewed_mask_files(workdir: Path, stage: str, final_dir: Optional[Path] = N
     """The masks of ``stage`` after review: [(case id, mask NIfTI on the source grid, origin)], origin
     "stage" (accepted or undecided), "edited" (``<final_dir>/<id>.nii.gz``); rejected cases left out."""
     from ccam.data.cohort import Cohort
-    from ccam.review.flags import stage_masks
+    from ccam.export.review import stage_masks
 
     name, folder, _ = stage_masks(workdir, stage)
     ids = {c.id for c in Cohort(workdir).cases}

@@ -18,7 +18,6 @@ Patient side: in RAS world coordinates (nibabel) +x points to the patient's righ
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -27,8 +26,6 @@ import numpy as np
 from scipy import ndimage
 
 from ccam.data.cohort import PreparedCase, left_right_pairs
-from ccam.errors import UserError
-from ccam.export.review import EXPORTABLE, resolve_stage
 
 log = logging.getLogger("ccam")
 
@@ -43,25 +40,6 @@ ROBUST_Z = 3.5  # Iglewicz and Hoaglin's outlier cut-off for the modified z-scor
 MIN_CASES_FOR_VOLUME = 4
 LOW_MARGIN = 0.10  # mean [tau, CAM] top-1 minus top-2 inside the mask (CAMs peak at 1)
 HIGH_ENTROPY = 0.30  # mean normalised entropy of the class probabilities inside the mask
-
-
-def stage_masks(workdir: Path, stage: str) -> tuple[str, Path, dict]:
-    """(stage name, folder of its ``<id>.nii.gz`` masks, its record); UserError when it has none."""
-    workdir = Path(workdir)
-    name = resolve_stage(stage)
-    rec_folder, mask_folder, _ = EXPORTABLE[name]
-    rec_path = workdir / rec_folder / "_stage.json"
-    if not rec_path.exists():
-        raise UserError(f"stage '{name}' has not finished in this work directory", path=str(workdir),
-                        fix=f"run `ccam {name} --workdir {workdir}` (or `ccam run`) first")
-    try:
-        record = json.loads(rec_path.read_text())
-    except (json.JSONDecodeError, OSError):
-        raise UserError("the stage record is unreadable", path=str(rec_path), fix=f"re-run `ccam {name} --workdir {workdir}`")
-    if (record.get("outputs") or {}).get("enabled", True) is False:
-        raise UserError(f"stage '{name}' is disabled in this run, so it wrote no masks", path=str(rec_path),
-                        fix="review pseudo-masks instead, or enable it and re-run")
-    return name, workdir / mask_folder, record
 
 
 def body_centre_x(image: np.ndarray, affine: np.ndarray) -> float:

@@ -29,11 +29,10 @@ from ccam import __version__
 from ccam.data.cohort import Cohort
 from ccam.errors import UserError
 from ccam.export.labels import class_colours
-from ccam.export.review import export_review
+from ccam.export.review import case_image_and_mask, export_review, stage_masks
 from ccam.io.atomic import write_json, write_text
-from ccam.io.volume import read_volume
 from ccam.review.decisions import load_decisions
-from ccam.review.flags import SHORT, WEIGHTS, add_cohort_flags, case_confidence, measure_case, stage_masks
+from ccam.review.flags import SHORT, WEIGHTS, add_cohort_flags, case_confidence, measure_case
 from ccam.review.render import render_case
 
 log = logging.getLogger("ccam")
@@ -78,13 +77,8 @@ def build_report(workdir: Path, stage: str, out: Path, *, export: bool = True) -
         tau = 0.25
     reviews = []
     for f in tqdm(files, desc=f"review {name}", unit="case", dynamic_ncols=True):
-        cid = f.name[:-7]
+        cid, image, mask = case_image_and_mask(workdir, name, cohort, f)
         case = cohort.case(cid)
-        image = read_volume(case.image_path, case=cid)
-        mask = read_volume(f, case=cid)
-        if tuple(mask.array.shape) != tuple(image.array.shape) or not np.allclose(mask.affine, image.affine, atol=1e-3):
-            raise UserError(f"mask is not on the image's grid (shape {mask.array.shape} vs {image.array.shape})", case=cid,
-                            path=str(f), fix=f"re-run `ccam {name} --workdir {workdir}`")
         labels = np.asarray(mask.array).astype(np.int32)
         conf = case_confidence(workdir, name, record, case, labels, default_tau=tau)
         r = measure_case(case, np.asarray(image.array), labels, image.affine, classes, conf)

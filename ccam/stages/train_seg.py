@@ -7,6 +7,8 @@ through the same geometry as `prepare` (``labels_from_source``); pipeline masks 
 (N, S, S) stacks their stage wrote. Every slice of the training cases is used, negative slices
 included. Loss Dice + cross-entropy (MONAI ``DiceCELoss``), Adam lr 5e-4 (paper). Each epoch is
 validated by Dice against the validation cases' masks from the same sources (never ground truth).
+Review decisions (``W/review/decisions.json``, `ccam review --record/--decide`) apply on top:
+rejected cases are left out, edited cases train on their mask in labels/final.
 
 Writes ``seg/``: ``model.json`` (architecture and preprocessing, read by `predict`),
 ``mask_sources.json`` (case -> where its mask came from), ``masks_from_dir/<id>.npy``
@@ -30,38 +32,30 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from ccam import artifacts
-from ccam.data.cohort import Cohort, PreparedCase
+from ccam.data.cohort import Cohort, PreparedCase, label_stack_from_file
 from ccam.errors import UserError
 from ccam.io.atomic import save_npy, write_json
-from ccam.io.geometry import labels_from_source
 from ccam.io.hashing import sha256_file
-from ccam.io.volume import read_volume
+from ccam.io.volume import MASK_SUFFIXES, mask_file
 from ccam.metrics import DiceAccumulator
 from ccam.models.segmenter import Segmenter, segmenter_spec
+from ccam.review.decisions import apply_decisions, decisions_hash, mask_sources_table
 from ccam.stages import base
 from ccam.training import EpochLoop, seed_everything, select_device
 
 log = logging.getLogger("ccam")
 
-MASK_SUFFIXES = (".nii.gz", ".nii")
 
 
 # -- where each case's mask comes from ---------------------------------------------------------
-
-def dir_mask_file(masks_dir: Optional[Path], case_id: str) -> Optional[Path]:
-    if masks_dir is None:
-        return None
-    for suffix in MASK_SUFFIXES:
-        p = Path(masks_dir) / f"{case_id}{suffix}"
-        if p.exists():
-            return p
-    return None
-
 
 def extra_inputs(ctx: base.StageContext) -> dict:
     """With --masks, every mask file's content hash (the pipeline masks' records are hashed as ``uses``)."""
     out: dict = {"pipeline_masks": artifacts.pipeline_masks(ctx.workdir)}
     masks = ctx.options.get("masks")
+    decided = decisions_hash(ctx.workdir, Path(masks) if masks else None)
+    if decided is not None:  # review decisions (ccam review --record/--decide): a changed one re-runs the stage
+        out["review_decisions"] = decided
     if masks is not None:
         d = Path(masks)
         if not d.is_dir():
@@ -72,23 +66,8 @@ def extra_inputs(ctx: base.StageContext) -> dict:
 
 
 def mask_from_dir(path: Path, case: PreparedCase, num_classes: int) -> np.ndarray:
-    """A label NIfTI on the case's source grid -> (N, S, S) uint8 stack; UserError if it does not fit."""
-    vol = read_volume(path, case=case.id)
-    geom = case.geometry
-    if tuple(vol.array.shape) != tuple(geom.shape) or not np.allclose(vol.affine, geom.affine_array, atol=1e-3):
-        raise UserError(f"mask is not on the case's source grid (shape {tuple(vol.array.shape)} vs image {tuple(geom.shape)}, or a different affine)",
-                        case=case.id, path=str(path), fix="resample or re-save the mask on the image's grid (same shape and affine)")
-    arr = np.asarray(vol.array)
-    if not np.issubdtype(arr.dtype, np.integer):
-        rounded = np.rint(arr)
-        if not np.allclose(arr, rounded):
-            raise UserError("mask has non-integer values", case=case.id, path=str(path), fix="save the mask as an integer label map")
-        arr = rounded
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > num_classes:
-        raise UserError(f"mask has label values {lo}..{hi}, expected 0..{num_classes}", case=case.id, path=str(path),
-                        fix="use 0 for background and k for the k-th class of the manifest")
-    return labels_from_source(geom, arr.astype(np.int64), num_classes + 1)
+    """A label NIfTI of --masks on the case's source grid -> (N, S, S) uint8 stack; UserError if it does not fit."""
+    return label_stack_from_file(path, case, num_classes)
 
 
 def resolve_masks(ctx: base.StageContext, cohort: Cohort, cases: list[PreparedCase]) -> dict[str, tuple[str, Path]]:
@@ -101,7 +80,7 @@ def resolve_masks(ctx: base.StageContext, cohort: Cohort, cases: list[PreparedCa
                     "`ccam %s --workdir %s` would remake them", pipe, pipe, ctx.workdir)
     out: dict[str, tuple[str, Path]] = {}
     for case in cases:
-        f = dir_mask_file(masks_dir, case.id)
+        f = mask_file(masks_dir, case.id)
         if f is not None:
             stack_path = ctx.dir / "masks_from_dir" / f"{case.id}.npy"
             if not stack_path.exists():  # converted once; a resumed run reuses it (same key = same files)
@@ -189,6 +168,14 @@ def run(ctx: base.StageContext) -> dict:
     cohort = Cohort(ctx.workdir)
     train_cases, val_cases = cohort.split("train"), cohort.split("val")
     sources = resolve_masks(ctx, cohort, train_cases + val_cases)
+    masks_dir = Path(ctx.options["masks"]) if ctx.options.get("masks") else None
+    sources, decided = apply_decisions(ctx.workdir, sources, masks_dir, ctx.dir / "edited_masks", cohort)
+    rejected = {cid for cid, d in decided.items() if d["decision"] == "reject"}
+    train_cases = [c for c in train_cases if c.id not in rejected]
+    val_cases = [c for c in val_cases if c.id not in rejected]
+    if not train_cases:
+        raise UserError("every training case was rejected in review; nothing to train on", path=str(ctx.workdir),
+                        fix="accept or edit some cases (`ccam review --workdir W --decide CASE accept`)")
     missing = [c.id for c in train_cases if c.id not in sources]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -202,8 +189,7 @@ def run(ctx: base.StageContext) -> dict:
         log.info("train-seg: masks from %s: %d case(s): %s", src, len(ids), ", ".join(sorted(ids)))
     if not val_cases:
         log.info("train-seg: no validation case has a mask; the final epoch's weights are kept")
-    write_json(ctx.dir / "mask_sources.json", {cid: {"source": s, "split": cohort.case(cid).split}
-                                               for cid, (s, _) in sorted(sources.items())})
+    write_json(ctx.dir / "mask_sources.json", mask_sources_table(sources, decided, cohort))
 
     K = cohort.num_classes
     spec = segmenter_spec(sc.network, sc.channels, K + 1, sc.dropout)
