@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from ccam import artifacts
+from ccam.options import shared
 from ccam.config import REPO_CONFIGS, apply_threads, resolve, save
 from ccam.errors import UserError
 from ccam.io.atomic import read_json
@@ -81,13 +82,11 @@ def run_demo(workdir: Path, n_cases: int = 20, seed: int = 0, config_file=None, 
 
 
 @click.command("demo", short_help="Synthetic cohort -> every stage -> evaluation and review export, in one command.")
-@click.option("--workdir", "-w", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Work directory (the cohort goes to W/data).")
+@shared("workdir", workdir={"required": False, "default": "runs/demo", "show_default": True, "help": "Work directory (the cohort goes to W/data)."})
 @click.option("--cases", "-n", default=20, show_default=True, type=click.IntRange(5, 2000),
               help="Number of synthetic patients (at least 5, so train, val and test all get some).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthetic cohort.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings instead of configs/demo.yaml.")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable).")
+@shared("config", "set", config={"help": "Settings instead of configs/demo.yaml."})
 def demo_cmd(workdir, cases, seed, config_file, sets) -> None:
     """Run C-CAM end to end on a synthetic abdominal MR cohort and print Dice per stage and class.
 

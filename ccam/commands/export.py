@@ -9,11 +9,13 @@ from pathlib import Path
 
 import click
 
+from ccam.options import shared
+
 from ccam.export.review import ALIASES, EXPORTABLE, export_review
 
 
 @click.command("export", short_help="Export a stage's masks for review (images/, labels/original/, labels/final/).")
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")
+@shared("workdir")
 @click.option("--stage", "-s", required=True, type=click.Choice(list(EXPORTABLE) + sorted(ALIASES)), metavar="STAGE",
               help=f"Whose masks: {', '.join(EXPORTABLE)} (or coarse, pseudo, refined, predicted).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output folder (default W/export/<stage>[-<format>]).")

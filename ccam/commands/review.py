@@ -9,12 +9,14 @@ from pathlib import Path
 
 import click
 
+from ccam.options import shared
+
 from ccam.errors import UserError
 from ccam.export.review import ALIASES, EXPORTABLE
 
 
 @click.command("review", short_help="Review report of a stage's masks (flags, pictures), and recorded decisions.")
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="Work directory of the run.")
+@shared("workdir")
 @click.option("--stage", "-s", type=click.Choice(list(EXPORTABLE) + sorted(ALIASES)), metavar="STAGE",
               help="Whose masks to review: pseudo-masks, refine (refined), predict (or sample).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Report folder (default W/reports/review/<stage>).")
