@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ccam import artifacts
 from ccam.options import shared
 
 from ccam.export.review import ALIASES, EXPORTABLE, export_review
@@ -50,7 +51,7 @@ def export_cmd(workdir, stage, out, fmt, dataset_id, dataset_name, final_dir) ->
     from ccam.errors import UserError
 
     wd = Path(workdir)
-    if not (wd / "prepare").is_dir():
+    if not artifacts.stage_dir(wd, "prepare").is_dir():
         raise UserError("not a ccam work directory (no prepare/)", path=str(wd), fix="point --workdir to a run")
     dest = Path(out) if out else wd / "export" / (stage if fmt == "monai" else f"{stage}-{fmt}")
     fd = Path(final_dir) if final_dir else None

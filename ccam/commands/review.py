@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ccam import artifacts
 from ccam.options import shared
 
 from ccam.errors import UserError
@@ -48,7 +49,7 @@ def review_cmd(workdir, stage, out, no_export, record_files, decide, comment, fi
     from ccam.runner import WorkdirLock
 
     wd = Path(workdir)
-    if not (wd / "prepare").is_dir():
+    if not artifacts.stage_dir(wd, "prepare").is_dir():
         raise UserError("not a ccam work directory (no prepare/)", path=str(wd), fix="point --workdir to a run")
     if not (stage or record_files or decide):
         raise UserError("nothing to do", fix="pass --stage to write a report, or --record FILE / --decide CASE DECISION")

@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ccam import artifacts
 from ccam.errors import UserError
 from ccam.io.atomic import save_npy, write_json
 from ccam.io.volume import mask_file
@@ -204,7 +205,7 @@ def apply_decisions(workdir: Path, sources: dict[str, tuple[str, Path]], final_d
 
         cohort = Cohort(workdir)
     ids = {c.id: c for c in cohort.cases}
-    stack_dir = Path(stack_dir) if stack_dir is not None else workdir / "seg" / "edited_masks"
+    stack_dir = Path(stack_dir) if stack_dir is not None else artifacts.stage_dir(workdir, "train-seg") / "edited_masks"
     used: dict[str, dict] = {}
     for cid, d in sorted(decisions.items()):
         case = ids.get(cid)

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from ccam import artifacts
 from ccam.data.cohort import PreparedCase, left_right_pairs
 
 log = logging.getLogger("ccam")
@@ -192,8 +193,8 @@ def case_confidence(workdir: Path, stage: str, record: dict, case: PreparedCase,
     """What the stage kept to judge its own certainty: CAMs (pseudo-masks) or probabilities (predict --probabilities)."""
     workdir = Path(workdir)
     if stage == "pseudo-masks":
-        cam_path = workdir / "pseudo_masks" / "cams" / f"{case.id}.npy"
-        lab_path = workdir / "pseudo_masks" / "labels" / f"{case.id}.npy"
+        cam_path = artifacts.cam_stack_path(workdir, "pseudo-masks", case.id)
+        lab_path = artifacts.label_stack_path(workdir, "pseudo-masks", case.id)
         if cam_path.exists() and lab_path.exists():
             tau = float((record.get("outputs") or {}).get("tau", default_tau))
             cams, labels = np.load(cam_path, mmap_mode="r"), np.load(lab_path, mmap_mode="r")
@@ -205,7 +206,7 @@ def case_confidence(workdir: Path, stage: str, record: dict, case: PreparedCase,
                             "text": f"the CAM margin inside the mask is {m:.2f} (below {LOW_MARGIN}: the class scores barely beat "
                                     "the background or each other)" if low else f"CAM margin {m:.2f}"}
     if stage == "predict":
-        prob_path = workdir / "predictions" / f"{case.id}.npz"
+        prob_path = artifacts.mask_dir(workdir, "predict") / f"{case.id}.npz"
         if prob_path.exists():
             with np.load(prob_path) as z:
                 probs = z["probabilities"]

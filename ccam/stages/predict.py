@@ -123,7 +123,7 @@ def run(ctx: base.StageContext) -> dict:
     model, meta = artifacts.load_segmenter(ctx.workdir, device)
     cohort = Cohort(ctx.workdir)
     if cohort.slice_size != meta["slice_size"] or cohort.classes != meta["classes"]:
-        raise UserError("the segmenter was trained on another prepared cohort", path=str(ctx.workdir / "seg"),
+        raise UserError("the segmenter was trained on another prepared cohort", path=str(artifacts.stage_dir(ctx.workdir, "train-seg")),
                         fix=f"re-run `ccam train-seg --workdir {ctx.workdir}`")
     cases = cohort.split("test")
     if not cases:
