@@ -156,8 +156,12 @@ def load_pcam(workdir: Path, cfg, num_classes: int, device: torch.device | str =
     path = checkpoint(workdir, "train-pcam")
     model = PCAM.from_config(cfg.pcam, num_classes)
     try:
-        load_model_weights(model, path)
-    except (RuntimeError, KeyError) as e:
+        ck = load_checkpoint(path)
+    except Exception as e:  # a damaged or foreign file (torch raises several types)
+        raise UserError(f"cannot read the P-CAM checkpoint ({type(e).__name__})", path=str(path), fix=_rerun("train-pcam", workdir))
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone}, output_stride={cfg.pcam.stride} "
                         f"({str(e).splitlines()[0][:100]})", path=str(path),
                         fix="use the settings P-CAM was trained with, or re-run `ccam train-pcam --workdir W --force`")
@@ -171,8 +175,12 @@ def load_ccam(workdir: Path, cfg, cohort: Cohort, device: torch.device | str = "
     model = build_ccam(cfg, cohort, global_context(workdir, cohort))
     path = checkpoint(workdir, "train-ccam")
     try:
-        model.load_state_dict(load_checkpoint(path)["model"])
-    except (RuntimeError, KeyError) as e:
+        ck = load_checkpoint(path)
+    except Exception as e:  # a damaged or foreign file
+        raise UserError(f"cannot read the C-CAM checkpoint ({type(e).__name__})", path=str(path), fix=_rerun("train-ccam", workdir))
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint does not fit the configured C-CAM ({str(e).splitlines()[0][:120]})", path=str(path),
                         fix="re-run `ccam train-ccam --workdir W --force` with the same settings")
     return model.to(device).eval()

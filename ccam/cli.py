@@ -53,8 +53,8 @@ def _make_stage_command(stage) -> click.Command:
         from ccam.runner import WorkdirLock, run_stage
 
         with WorkdirLock(Path(workdir)):
-            cfg = config_mod.load_settings(workdir, config_file, sets)
-            run_stage(Path(workdir), cfg, stage.name, options, force=force)
+            cfg = config_mod.load_settings(workdir, config_file, sets, save_to_workdir=False)  # saved once the stage is done
+            run_stage(Path(workdir), cfg, stage.name, options, force=force, save_config=True)
 
     help_text = stage.help + ("\n\n\b\nExamples:\n" + "\n".join("  " + line for line in stage.examples.splitlines()) if stage.examples else "")
     cmd = click.Command(stage.name, callback=callback, help=help_text, short_help=stage.help.split(". ")[0].rstrip("."))
@@ -107,7 +107,7 @@ def status_cmd(workdir: str, pipeline) -> None:
 
 
 @cli.command("run")
-@click.option("--manifest", "-m", type=click.Path(dir_okay=False), help="Data manifest (needed until `prepare` is done).")
+@click.option("--manifest", "-m", type=click.Path(dir_okay=False, resolve_path=True), help="Data manifest (needed until `prepare` is done).")
 @options.shared()
 @click.option("--pipeline", type=click.Path(dir_okay=False), help="Stage graph YAML (default pipelines/ccam.yaml).")
 @click.option("--until", "until", metavar="STAGE", help="Stop after this stage.")
@@ -124,8 +124,8 @@ def run_cmd(manifest, workdir, config_file, sets, pipeline, until, from_) -> Non
     from ccam.runner import WorkdirLock, run_pipeline
 
     with WorkdirLock(Path(workdir)):
-        cfg = config_mod.load_settings(workdir, config_file, sets)
-        ran = run_pipeline(Path(workdir), cfg, pipeline, manifest=manifest, until=until, from_=from_)
+        cfg = config_mod.load_settings(workdir, config_file, sets, save_to_workdir=False)  # saved by each stage that is done
+        ran = run_pipeline(Path(workdir), cfg, pipeline, manifest=manifest, until=until, from_=from_, save_config=True)
     if not ran:
         click.echo("ccam run: every stage is up to date, nothing to do.", err=True)
 

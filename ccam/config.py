@@ -9,9 +9,10 @@ back as ``W/config.yaml``. Each stage hashes only the sections it reads, so chan
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -101,7 +102,8 @@ class PCAMConfig(Section):
 
 class CAMConfig(Section):
     method: Literal["cam", "gradcam", "gradcampp", "layercam"] = "cam"  # cam: one forward pass for all classes (paper); others are baselines
-    scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])  # the multi-scale set of IRN/C-CAM inference
+    # the multi-scale set of IRN/C-CAM inference; each scale 0.25-4 (a smaller one leaves a few pixels of a slice)
+    scales: list[Annotated[float, Field(ge=0.25, le=4.0)]] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1)
     # Background score of argmax([tau, CAM_1..CAM_K]) on CAMs normalised to a peak of 1. 0.25 is a
     # fixed prior, not fitted to any mask: multi-scale CAMs concentrate on the most discriminative
     # part of an organ and fall off smoothly, so the organ's extent lies well below the half
@@ -200,7 +202,8 @@ class PredictConfig(Section):
 class EvaluateConfig(Section):
     # background scores tau for the oracle sweep on the CAM stacks (ground truth picks the best one,
     # so that row is reported as "oracle" and never fed back into the pipeline)
-    tau_sweep: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    tau_sweep: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)],
+                                                                    min_length=1)
     surface_distances: bool = True  # HD95 and ASSD; switch off to evaluate big cohorts faster (Dice only)
     # CAM localisation per class against ground truth (peak in the organ, CAM mass inside, occlusion
     # drop of P-CAM, contact sheets): tells a CAM that looks elsewhere from one with the wrong extent
@@ -253,11 +256,18 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError("config file not found", path=str(path), fix="check the --config path")
-    except yaml.YAMLError as e:
-        raise UserError(f"config is not valid YAML ({str(e).splitlines()[0]})", path=str(path), fix="fix the YAML syntax")
+    except IsADirectoryError:
+        raise UserError("config is a folder, not a file", path=str(path), fix="pass a YAML file to --config")
+    except UnicodeDecodeError:
+        raise UserError("config is not a UTF-8 text file", path=str(path), fix="pass a YAML settings file (see configs/default.yaml)")
+    except OSError as e:
+        raise UserError(f"cannot read the config ({e.strerror})", path=str(path), fix="check the file's permissions")
+    except (yaml.YAMLError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"config is not valid YAML ({first})", path=str(path), fix="fix the YAML syntax")
     if not isinstance(data, dict):
         raise UserError("config must be a mapping of sections", path=str(path), fix="see configs/default.yaml")
     return data
@@ -270,7 +280,10 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"--set {item!r} must look like section.key=value", fix="e.g. --set pcam.epochs=3")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML", fix="quote it, e.g. --set 'cam.scales=[1.0,0.5]'")
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -279,9 +292,35 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_runtime(cfg: "Config", source: str) -> None:
+    """Settings pydantic cannot judge alone: the device must exist on this machine, workers >= 0."""
+    rt = cfg.runtime
+    if not DEVICE.match(str(rt.device)):
+        raise UserError(f"runtime.device: '{rt.device}' is not a device", path=source, fix="use auto, cpu, cuda or cuda:N")
+    if str(rt.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"runtime.device={rt.device} but this machine has no usable CUDA GPU", path=source,
+                            fix="use --set runtime.device=auto (or cpu)")
+        idx = int(str(rt.device).split(":")[1]) if ":" in str(rt.device) else 0
+        if idx >= torch.cuda.device_count():
+            raise UserError(f"runtime.device={rt.device} but only {torch.cuda.device_count()} GPU(s) are visible", path=source,
+                            fix="use cuda:0 .. cuda:N-1, or auto")
+    if rt.num_workers < 0:
+        raise UserError(f"runtime.num_workers: {rt.num_workers} is negative", path=source, fix="use 0 (load in the main process) or more")
+    if rt.num_threads < 0:
+        raise UserError(f"runtime.num_threads: {rt.num_threads} is negative", path=source, fix="use 0 (automatic) or more")
+
+
 def validate(data: dict, source: str = "config") -> Config:
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
+        _check_runtime(cfg, source)
+        return cfg
     except ValidationError as e:
         msgs = []
         for err in e.errors():

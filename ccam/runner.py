@@ -9,7 +9,6 @@ so training resumes from its last checkpoint; with a different key the folder is
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -21,18 +20,28 @@ import yaml
 
 import ccam.stages
 from ccam import __version__
+from ccam import config as config_mod
 from ccam.config import Config
 from ccam.errors import UserError
-from ccam.io.atomic import write_json
+from ccam.io.atomic import read_json, remove_temp_files, write_json
 from ccam.stages.base import RECORD, STARTED, StageContext, get_stage, input_key, read_record, stage_status
+from ccam.training import seed_everything
 
 log = logging.getLogger("ccam")
 ccam.stages.load_all()  # registers every stage
 REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 
-def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = None, force: bool = False) -> dict:
-    """Run one stage unless its record is current; returns the record."""
+def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = None, force: bool = False,
+              save_config: bool = False) -> dict:
+    """Run one stage unless its record is current; returns the record.
+
+    Every stage starts from the same RNG state (``runtime.seed``), so its results do not depend on
+    what ran before it in the process. A run with new inputs keeps the previous complete outputs
+    aside (``W/.previous-<folder>``) until it succeeds: on any failure they come back. A run of a
+    stage that had no complete outputs keeps its partial state for resume. ``save_config``: write
+    ``W/config.yaml`` once the stage is done (a command that fails saves nothing).
+    """
     st = get_stage(name)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     memo: dict = {}  # one status pass over the upstream graph
@@ -44,44 +53,43 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
             )
     ctx = StageContext(workdir, cfg, st, opts)
     key, inputs = input_key(ctx)
+    folder = ctx.dir
+    previous = workdir / f".previous-{st.folder}"
+    _recover(folder, previous, key)
     rec = read_record(workdir, st)
     # upstream is done (checked above), so a matching key means this stage is done
     if rec is not None and rec.get("key") == key and not force:
         log.info("%s: up to date, skipped", name)
+        if save_config:
+            config_mod.save(cfg, workdir)
         return rec
-    folder = ctx.dir
     started = folder / STARTED
-    resume = False
-    if started.exists():
-        try:
-            resume = json.loads(started.read_text()).get("key") == key and not force
-        except (json.JSONDecodeError, OSError):
-            resume = False
-    previous = None
+    resume = (read_json(started) or {}).get("key") == key and not force
+    kept = False
     if folder.exists() and not resume:
-        # keep the previous outputs aside until this run succeeds: a user error restores them
-        previous = workdir / f".previous-{st.folder}"
-        if previous.exists():
-            shutil.rmtree(previous)
-        folder.rename(previous)
+        folder.rename(previous)  # aside until this run succeeds
+        kept = True
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RECORD).unlink(missing_ok=True)
+    removed = remove_temp_files(folder)
+    if removed:
+        log.info("%s: removed %d temp file(s) left by an interrupted run", name, removed)
     write_json(started, {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log.info("%s: %s", name, "resuming" if resume else "running")
     t0 = time.time()
+    seed_everything(cfg.runtime.seed)
     try:
         outputs = st.run(ctx) or {}
-    except UserError:
-        if previous is not None:
+    except Exception:
+        if kept:  # an error: the previous complete outputs come back; this run's partial state goes
             shutil.rmtree(folder, ignore_errors=True)
             previous.rename(folder)
+        elif not any(p.name != STARTED for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)  # failed before writing anything: no folder left behind
         raise
-    finally:
-        if previous is not None and previous.exists() and folder.exists() and (folder / STARTED).exists():
-            # crashed or interrupted: the partial new state stays for resume, the old one goes
-            shutil.rmtree(previous, ignore_errors=True)
-    if previous is not None and previous.exists():
-        shutil.rmtree(previous, ignore_errors=True)
+    # Ctrl-C (like kill -9) keeps the partial state for resume and the previous outputs aside;
+    # the next run resumes with the same inputs, or brings the previous outputs back (`_recover`)
+    shutil.rmtree(previous, ignore_errors=True)
     record = {
         "stage": name,
         "key": key,
@@ -94,25 +102,48 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
     }
     write_json(folder / RECORD, record)
     started.unlink(missing_ok=True)
+    if save_config:
+        config_mod.save(cfg, workdir)
     log.info("%s: done in %.1f s", name, record["duration_s"])
     return record
 
 
+def _recover(folder: Path, previous: Path, key: str) -> None:
+    """After a process was killed mid-run: previous complete outputs aside in ``previous`` come back,
+    unless the partial run in ``folder`` is the one about to resume (same key)."""
+    if not previous.exists():
+        return
+    if (folder / RECORD).exists():
+        shutil.rmtree(previous, ignore_errors=True)  # the new run finished; the old outputs were left over
+        return
+    if (read_json(folder / STARTED) or {}).get("key") == key:
+        return  # resume the partial run; the old outputs stay aside until it succeeds
+    shutil.rmtree(folder, ignore_errors=True)
+    previous.rename(folder)
+
+
 def load_pipeline(path: Optional[str | Path] = None) -> dict:
     path = Path(path) if path else REPO_PIPELINES / "ccam.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise UserError("pipeline file not found", path=str(path), fix="use pipelines/ccam.yaml or a file like it")
-    data = yaml.safe_load(path.read_text()) or {}
-    stages = data.get("stages")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise UserError(f"pipeline is not a readable YAML file ({type(e).__name__})", path=str(path), fix="see pipelines/ccam.yaml")
+    stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, list) or not stages:
         raise UserError("pipeline has no 'stages' list", path=str(path), fix="see pipelines/ccam.yaml")
     for s in stages:
-        get_stage(s if isinstance(s, str) else s.get("stage", ""))
+        name = s if isinstance(s, str) else s.get("stage", "") if isinstance(s, dict) else ""
+        if not isinstance(name, str) or not name:
+            raise UserError(f"pipeline entry {s!r} is not a stage name", path=str(path), fix="list stage names, see pipelines/ccam.yaml")
+        get_stage(name)
     return data
 
 
 def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = None, *, manifest: Optional[str] = None,
-                 until: Optional[str] = None, from_: Optional[str] = None, options: Optional[dict] = None) -> list[str]:
+                 until: Optional[str] = None, from_: Optional[str] = None, options: Optional[dict] = None,
+                 save_config: bool = False) -> list[str]:
     """Run the stages of a pipeline in order with skip/resume; returns the names of stages that ran.
 
     ``from_`` forces that stage (and so everything after it) to run again; ``until`` stops after
@@ -137,7 +168,7 @@ def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = No
         # options given to the stage's own command earlier (e.g. train-seg --masks) carry over
         opts = dict((before or {}).get("options", {}))
         opts.update({p.name: run_opts[p.name] for p in st.options if run_opts.get(p.name) is not None})
-        after = run_stage(workdir, cfg, name, opts, force=name == from_)
+        after = run_stage(workdir, cfg, name, opts, force=name == from_, save_config=save_config)
         if before is None or before.get("finished") != after.get("finished"):
             ran.append(name)
         if name == until:
@@ -151,9 +182,11 @@ class WorkdirLock:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         self.fh = None
+        self.created = False
 
     def __enter__(self) -> "WorkdirLock":
         try:
+            self.created = not self.workdir.exists()
             self.workdir.mkdir(parents=True, exist_ok=True)
             probe = self.workdir / ".ccam_write_test"
             probe.write_text("ok")
@@ -164,10 +197,16 @@ class WorkdirLock:
         try:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.fh.seek(0)
-            other = self.fh.read().strip() or "?"
+            other = ""
+            for _ in range(20):  # the holder writes its pid right after taking the lock
+                self.fh.seek(0)
+                other = self.fh.read().strip()
+                if other:
+                    break
+                time.sleep(0.05)
             self.fh.close()
-            raise UserError(f"work directory is in use by another ccam process (pid {other})", path=str(self.workdir), fix="wait for it to finish or use another --workdir")
+            who = f"another ccam process (pid {other})" if other.isdigit() else "another ccam process"
+            raise UserError(f"work directory is in use by {who}", path=str(self.workdir), fix="wait for it to finish or use another --workdir")
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(str(os.getpid()))
@@ -178,3 +217,8 @@ class WorkdirLock:
         if self.fh is not None:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
+        if self.created and exc[0] is not None:
+            # a command that failed in a work directory it created leaves nothing behind
+            left = [p.name for p in self.workdir.iterdir()] if self.workdir.is_dir() else []
+            if set(left) <= {".ccam.lock"}:
+                shutil.rmtree(self.workdir, ignore_errors=True)

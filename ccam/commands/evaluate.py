@@ -27,9 +27,9 @@ def evaluate_cmd(workdir, config_file, sets, force) -> None:
     """
     wd = Path(workdir)
     with WorkdirLock(wd):
-        cfg = load_settings(workdir, config_file, sets)
+        cfg = load_settings(workdir, config_file, sets, save_to_workdir=False)
         before = read_record(wd, STAGE)
-        after = run_stage(wd, cfg, "evaluate", {}, force=force)
+        after = run_stage(wd, cfg, "evaluate", {}, force=force, save_config=True)
     md = report_paths(wd)[1]
     if before is not None and before.get("finished") == after.get("finished") and md.exists():
         click.echo(md.read_text(encoding="utf-8"))  # skipped: show the current report anyway

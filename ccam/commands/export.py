@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from ccam import artifacts
+from ccam.io.paths import check_output_folder
 from ccam.options import shared
+from ccam.stages.base import SPECS
 
 from ccam.export.review import ALIASES, EXPORTABLE, export_review
 
@@ -54,6 +56,7 @@ def export_cmd(workdir, stage, out, fmt, dataset_id, dataset_name, final_dir) ->
     if not artifacts.stage_dir(wd, "prepare").is_dir():
         raise UserError("not a ccam work directory (no prepare/)", path=str(wd), fix="point --workdir to a run")
     dest = Path(out) if out else wd / "export" / (stage if fmt == "monai" else f"{stage}-{fmt}")
+    check_output_folder(dest, wd, [s.folder for s in SPECS.values()], marker="provenance.json" if fmt == "monai" else None)
     fd = Path(final_dir) if final_dir else None
     with WorkdirLock(wd):  # no stage may rewrite the masks while they are copied
         if fmt == "monai":

@@ -40,8 +40,8 @@ def predict_cmd(workdir, input_path, output, resume, part, probabilities, config
             raise UserError("--output, --continue, --part and --probabilities go with --input",
                             fix="add --input PATH, or drop them to predict the cohort's test cases into W/predictions")
         with WorkdirLock(Path(workdir)):
-            cfg = load_settings(workdir, config_file, sets)
-            run_stage(Path(workdir), cfg, "predict", {}, force=force)
+            cfg = load_settings(workdir, config_file, sets, save_to_workdir=False)
+            run_stage(Path(workdir), cfg, "predict", {}, force=force, save_config=True)
         return
     if output is None:
         raise UserError("--input needs --output DIR", fix="add --output folder/for/masks")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ccam.errors import UserError
+from ccam.io.paths import check_case_id
 from ccam.io.geometry import SliceGeometry
 
 LEFT_RIGHT_PREFIXES = (("left_", "right_"), ("l_", "r_"), ("left", "right"))
@@ -62,11 +63,25 @@ class PreparedCase:
 
     def slices(self) -> np.ndarray:
         """(N, S, S) float32, memory-mapped."""
-        return np.load(self.root / "slices" / f"{self.id}.npy", mmap_mode="r")
+        s = self.geometry.size
+        return self._load("slices", (self.n_slices, s, s), mmap=True)
 
     def tags(self) -> np.ndarray:
         """(N, K) uint8."""
-        return np.load(self.root / "tags" / f"{self.id}.npy")
+        return self._load("tags", None, mmap=False)
+
+    def _load(self, kind: str, shape, mmap: bool) -> np.ndarray:
+        p = self.root / kind / f"{self.id}.npy"
+        fix = f"re-run `ccam prepare --workdir {self.root.parent} --force`"
+        if not p.exists():
+            raise UserError(f"prepared {kind} missing", case=self.id, path=str(p), fix=fix)
+        try:
+            arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f"prepared {kind} are damaged ({str(e).splitlines()[0][:80]})", case=self.id, path=str(p), fix=fix)
+        if (shape is not None and tuple(arr.shape) != tuple(shape)) or (shape is None and (arr.ndim != 2 or arr.shape[0] != self.n_slices)):
+            raise UserError(f"prepared {kind} have shape {tuple(arr.shape)}, not what prepare recorded", case=self.id, path=str(p), fix=fix)
+        return arr
 
 
 class Cohort:
@@ -77,16 +92,22 @@ class Cohort:
         p = self.root / "cases.json"
         if not p.exists():
             raise UserError("no prepared cohort", path=str(self.root), fix=f"run `ccam prepare --manifest M --workdir {workdir}` first")
-        meta = json.loads(p.read_text())
-        self.meta = meta
-        self.classes: list[str] = meta["classes"]
-        self.modality: str = meta["modality"]
-        self.slice_axis: str = meta["slice_axis"]
-        self.slice_size: int = meta["slice_size"]
-        self.cases: list[PreparedCase] = [
-            PreparedCase(c["id"], c["split"], c["image"], c.get("mask"), SliceGeometry.from_dict(c["geometry"]), self.root)
-            for c in meta["cases"]
-        ]
+        try:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+            self.meta = meta
+            self.classes: list[str] = list(meta["classes"])
+            self.modality: str = meta["modality"]
+            self.slice_axis: str = meta["slice_axis"]
+            self.slice_size: int = int(meta["slice_size"])
+            self.cases: list[PreparedCase] = [
+                PreparedCase(c["id"], c["split"], c["image"], c.get("mask"), SliceGeometry.from_dict(c["geometry"]), self.root)
+                for c in meta["cases"]
+            ]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"the prepared cohort's cases.json is damaged ({type(e).__name__})", path=str(p),
+                            fix=f"re-run `ccam prepare --workdir {workdir} --force`")
+        for c in self.cases:
+            check_case_id(c.id, p)
 
     @property
     def num_classes(self) -> int:

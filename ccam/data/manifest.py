@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ccam.errors import ManifestError, UserError
+from ccam.io.paths import CASE_ID_PATTERN, CASE_ID_RULE, is_case_id
 from ccam.io.volume import read_header, read_volume, slice_axis_of
 
 SPLITS = ("train", "val", "test")
@@ -27,7 +28,8 @@ class CaseEntry(BaseModel):
     """One patient's volume."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(description="Case id, unique in the cohort; outputs are named <id>.nii.gz.")
+    id: str = Field(description="Case id, unique in the cohort; outputs are named <id>.nii.gz, so: letters, digits, "
+                                "'.', '_' and '-', not starting with '.'.", json_schema_extra={"pattern": CASE_ID_PATTERN})
     image: str = Field(description="Volume path relative to the manifest's folder: NIfTI (.nii, .nii.gz), MHA/MHD, "
                                    "NRRD, or a folder holding one DICOM series.")
     tags: Union[dict[str, list[list[int]]], str, None] = Field(
@@ -108,11 +110,17 @@ def _ranges_problems(cid: str, cls: str, ranges, n: int) -> list[str]:
 
 def _read_tags_csv(path: Path, cid: str, classes: list[str], n: int, probs: list[str]) -> np.ndarray | None:
     tags = np.zeros((n, len(classes)), np.uint8)
-    if not path.exists():
-        probs.append(f"case {cid}: tags: file not found: {path}")
+    if not path.is_file():
+        probs.append(f"case {cid}: tags: file not found: {path}" if not path.exists() else f"case {cid}: tags: not a file: {path}")
         return None
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh)]
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        probs.append(f"case {cid}: tags: {path.name} is not a readable UTF-8 CSV file ({type(e).__name__})")
+        return None
+    while rows and not any(v.strip() for v in rows[0]):
+        rows.pop(0)  # blank lines before the header
     if not rows or rows[0][0].strip() != "slice":
         probs.append(f"case {cid}: tags: {path} must start with a header row 'slice,<class>,...'")
         return None
@@ -146,11 +154,20 @@ def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.exists():
         raise UserError("manifest not found", path=str(path), fix="check the --manifest path")
+    if not path.is_file():
+        raise UserError("manifest is not a file", path=str(path), fix="pass the manifest's JSON file to --manifest")
     raw = path.read_bytes()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserError("manifest is not UTF-8 text", path=str(path), fix="save the manifest as UTF-8 JSON")
     except json.JSONDecodeError as e:
         raise UserError(f"manifest is not valid JSON (line {e.lineno}: {e.msg})", path=str(path), fix="fix the JSON syntax")
+    except RecursionError:
+        raise UserError("manifest JSON is nested too deeply", path=str(path), fix="see data_manifests/ for the manifest format")
+    if not isinstance(data, dict):
+        raise UserError("manifest must be a JSON object with name, modality, classes and cases", path=str(path),
+                        fix="see data_manifests/ for examples")
     try:
         m = ManifestModel.model_validate(data)
     except ValidationError as e:
@@ -178,6 +195,9 @@ def load_manifest(path: str | Path) -> Manifest:
     seen: set[str] = set()
     resolved: list[Case] = []
     for c in m.cases:
+        if not is_case_id(c.id):
+            probs.append(f"case {c.id!r}: id: cannot name a file -> {CASE_ID_RULE}")
+            continue
         if c.id in seen:
             probs.append(f"case {c.id}: id: duplicate id")
         seen.add(c.id)

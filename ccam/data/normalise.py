@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ccam.errors import UserError
 
-def normaliser(modality: str, array: np.ndarray, ct_window, mr_percentiles):
-    """Return f(block float32) -> block in [0, 1] for this volume."""
+
+def normaliser(modality: str, array: np.ndarray, ct_window, mr_percentiles, case: str | None = None, path=None):
+    """Return f(block float32) -> block in [0, 1] for this volume; a constant volume is a UserError
+    (no anatomy to see: an export or conversion went wrong)."""
+    lo_v, hi_v = np.nanmin(array), np.nanmax(array)
+    if not lo_v < hi_v:
+        raise UserError(f"image is constant (every voxel {lo_v})", case=case, path=None if path is None else str(path),
+                        fix="check the export of this volume")
     if modality == "CT":
         lo, hi = float(ct_window[0]), float(ct_window[1])
     else:

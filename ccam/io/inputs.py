@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ccam.errors import UserError
+from ccam.io.paths import check_case_id
 from ccam.io.volume import NIFTI_SUFFIXES, SITK_SUFFIXES
 
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
@@ -37,16 +38,16 @@ def _is_dicom_series(folder: Path) -> bool:
 def _manifest_cases(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
     """(case id, image) of every case of a manifest, and its modality; tags and splits are not needed."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-        raise UserError(f"manifest is not valid JSON ({e})", path=str(path), fix="fix the JSON syntax")
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"manifest is not valid UTF-8 JSON ({type(e).__name__})", path=str(path), fix="fix the JSON syntax")
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise UserError("manifest has no 'cases' list", path=str(path), fix="see DESIGN section 3 for the manifest format")
     out = []
     for i, c in enumerate(data["cases"]):
         if not isinstance(c, dict) or "id" not in c or "image" not in c:
             raise UserError(f"case #{i} needs 'id' and 'image'", path=str(path), fix="fix the manifest")
-        out.append((str(c["id"]), (path.parent / str(c["image"])).resolve()))
+        out.append((check_case_id(c["id"], path), (path.parent / str(c["image"])).resolve()))
     return out, data.get("modality")
 
 
@@ -75,6 +76,8 @@ def find_inputs(path: Path) -> tuple[list[tuple[str, Path]], Optional[str]]:
                 raise UserError("folder holds no NIfTI/MHA/NRRD file and no DICOM series", path=str(path),
                                 fix="point --input to volumes, a DICOM series folder or a manifest")
             cases = [(p.name, p) for p in series]
+    for cid, p in cases:
+        check_case_id(cid, p)
     ids = [c[0] for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

@@ -58,6 +58,25 @@ def is_volume_path(path: Path) -> bool:
     return name.endswith(NIFTI_SUFFIXES + SITK_SUFFIXES) or path.is_dir()
 
 
+def check_grid(shape: tuple, affine: np.ndarray, dtype, path: Path, case: str | None) -> None:
+    """A volume ccam can slice: scalar real voxels, at least one voxel per axis, a finite invertible affine."""
+    dt = np.dtype(dtype)
+    if dt.fields is not None or dt.kind == "V":
+        raise UserError("image has colour (RGB) voxels; a scalar volume is needed", case=case, path=str(path),
+                        fix="convert it to a single-channel (grey) image")
+    if dt.kind == "c":
+        raise UserError("image has complex voxels", case=case, path=str(path), fix="save the magnitude image (np.abs) instead")
+    if dt.kind not in "biuf":
+        raise UserError(f"image voxels are of type {dt}, not numbers", case=case, path=str(path), fix="re-export the image")
+    if min(shape) < 1:
+        raise UserError(f"image has an empty axis (shape {tuple(shape)})", case=case, path=str(path), fix="re-export the volume")
+    aff = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    if not np.isfinite(aff).all() or (spacing < 1e-6).any() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise UserError(f"image geometry is broken (voxel spacing {tuple(round(float(v), 6) for v in spacing)} mm)",
+                        case=case, path=str(path), fix="fix the header's voxel size and orientation (pixdim / qform / sform)")
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -83,6 +102,17 @@ def _sitk_affine(img) -> np.ndarray:
     aff[:3, :3] = d * s[None, :]
     aff[:3, 3] = o
     return _LPS_TO_RAS @ aff
+
+
+def _sitk_dtype(pixel_id: int, components: int) -> np.dtype:
+    """The numpy dtype of a SimpleITK pixel type: colour -> a structured dtype, complex -> complex64."""
+    import SimpleITK as sitk
+
+    if components > 1:
+        return np.dtype([("r", "u1"), ("g", "u1"), ("b", "u1")])
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        return np.dtype(np.complex64)
+    return np.dtype(np.float32)
 
 
 def _read_sitk(path: Path, case: str | None, header_only: bool):
@@ -114,17 +144,19 @@ def _read_sitk(path: Path, case: str | None, header_only: bool):
             aff = np.eye(4)
             aff[:3, :3] = d * np.array(reader.GetSpacing()[:3])[None, :]
             aff[:3, 3] = reader.GetOrigin()[:3]
-            return tuple(int(s) for s in size[:3]), _LPS_TO_RAS @ aff
+            return tuple(int(s) for s in size[:3]), _LPS_TO_RAS @ aff, _sitk_dtype(reader.GetPixelID(), reader.GetNumberOfComponents())
         else:
             img = sitk.ReadImage(str(path))
     except UserError:
         raise
     except Exception as e:  # SimpleITK raises RuntimeError with a long multi-line text
         raise UserError(f"cannot read image ({str(e).strip().splitlines()[-1][:160]})", case=case, path=str(path), fix="check the file is a valid, complete image")
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        _squeeze_3d(tuple(img.GetSize()) + ((2,) if img.GetNumberOfComponentsPerPixel() > 1 else ()), path, case)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        check_grid((1, 1, 1), np.eye(4), _sitk_dtype(img.GetPixelID(), img.GetNumberOfComponentsPerPixel()), path, case)
+    if img.GetDimension() != 3:
+        _squeeze_3d(tuple(img.GetSize()), path, case)
     if header_only:  # a DICOM series: its header comes with the read
-        return tuple(int(v) for v in img.GetSize()), _sitk_affine(img)
+        return tuple(int(v) for v in img.GetSize()), _sitk_affine(img), _sitk_dtype(img.GetPixelID(), img.GetNumberOfComponentsPerPixel())
     arr = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0)  # (z,y,x) -> (x,y,z) = index order
     return np.array(arr), _sitk_affine(img)
 
@@ -137,8 +169,12 @@ def read_header(path: str | Path, case: str | None = None) -> tuple[tuple[int, i
             img = nib.load(str(path))
         except Exception as e:
             raise UserError(f"cannot read image header ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path), fix="check the file is a valid, complete NIfTI")
-        return _squeeze_3d(img.shape, path, case), np.asarray(img.affine, dtype=np.float64)
-    return _read_sitk(path, case, header_only=True)
+        shape, affine = _squeeze_3d(img.shape, path, case), np.asarray(img.affine, dtype=np.float64)
+        check_grid(shape, affine, img.get_data_dtype(), path, case)
+        return shape, affine
+    shape, affine, dtype = _read_sitk(path, case, header_only=True)
+    check_grid(shape, affine, dtype, path, case)
+    return shape, affine
 
 
 def _existing(path: str | Path, case: str | None) -> Path:
@@ -165,8 +201,10 @@ def read_volume(path: str | Path, case: str | None = None, dtype=None) -> Volume
             raise UserError(f"cannot read image ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path), fix="the file is corrupt or truncated; re-export it")
         hdr = img.header
         qc, sc = int(hdr["qform_code"]), int(hdr["sform_code"])
+        check_grid(arr.shape, img.affine, img.get_data_dtype() if dtype is None else arr.dtype, path, case)
         return Volume(arr, np.asarray(img.affine, dtype=np.float64), str(path), qc or (0 if sc else 1), sc or (0 if qc else 1))
     arr, aff = _read_sitk(path, case, header_only=False)
+    check_grid(arr.shape, aff, arr.dtype, path, case)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     return Volume(arr, aff, str(path))

@@ -38,6 +38,7 @@ from ccam.io.volume import read_volume, write_label_map
 from ccam.models.segmenter import Segmenter
 from ccam.io.hashing import sha256_file
 from ccam.io.inputs import find_inputs, parse_part
+from ccam.io.paths import inside
 from ccam.stages import base
 from ccam.training import select_device
 
@@ -89,7 +90,7 @@ def prepared_blocks(slices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]
 
 def volume_blocks(array: np.ndarray, geom: SliceGeometry, meta: dict, batch_size: int, case_id: str) -> Iterator[np.ndarray]:
     """Blocks of the canonical stack of a source volume, normalised and resampled like `prepare` does."""
-    norm = normaliser(meta["modality"], array, meta["ct_window"], meta["mr_percentiles"])
+    norm = normaliser(meta["modality"], array, meta["ct_window"], meta["mr_percentiles"], case_id)
     view = geom.canonical_view(array)
     s = geom.size
     for a in range(0, geom.n_slices, batch_size):
@@ -169,6 +170,7 @@ def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume:
                         path=str(input_path), fix="use a segmenter trained on this modality")
     mine = cases[i::n]
     for cid, path in mine:
+        inside(output, f"{cid}.nii.gz")  # ids are checked; this guards the folder whatever they are
         if (output / f"{cid}.nii.gz").resolve() == Path(path).resolve():
             raise UserError("the output would overwrite the input image", case=cid, path=str(path),
                             fix="choose an --output folder other than the input folder")

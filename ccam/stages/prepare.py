@@ -20,9 +20,10 @@ from tqdm import tqdm
 from ccam.data.manifest import Manifest, load_manifest
 from ccam.data.normalise import normaliser
 from ccam.errors import UserError
-from ccam.io.atomic import atomic_path, save_npy, write_json
+from ccam.io.atomic import atomic_path, reserve, save_npy, write_json
 from ccam.io.geometry import SliceGeometry, resize_slices
 from ccam.io.hashing import sha256_file
+from ccam.io.paths import inside
 from ccam.io.volume import read_volume
 from ccam.stages import base
 
@@ -54,6 +55,7 @@ def prepare_volume(array: np.ndarray, geom: SliceGeometry, norm, out_path: Path,
     n, s = geom.n_slices, geom.size
     with atomic_path(out_path, suffix=".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, s, s))
+        reserve(tmp, os.path.getsize(tmp))  # a full disk is an error here, not a SIGBUS in the loop below
         for a in range(0, n, chunk):
             block = np.ascontiguousarray(view[a:a + chunk], dtype=np.float32)
             if not np.isfinite(block).all():
@@ -74,9 +76,9 @@ def run(ctx: base.StageContext) -> dict:
     for case in tqdm(manifest.cases, desc="prepare", unit="case", dynamic_ncols=True):
         vol = read_volume(case.image, case=case.id)
         geom = SliceGeometry.from_affine(vol.array.shape, vol.affine, manifest.slice_axis, S, vol.qform_code, vol.sform_code)
-        norm = normaliser(manifest.modality, vol.array, cfg.data.ct_window, cfg.data.mr_percentiles)
-        prepare_volume(vol.array, geom, norm, out / "slices" / f"{case.id}.npy", cfg.data.chunk_slices, case.id, case.image)
-        save_npy(out / "tags" / f"{case.id}.npy", case.tags)
+        norm = normaliser(manifest.modality, vol.array, cfg.data.ct_window, cfg.data.mr_percentiles, case.id, case.image)
+        prepare_volume(vol.array, geom, norm, inside(out / "slices", f"{case.id}.npy"), cfg.data.chunk_slices, case.id, case.image)
+        save_npy(inside(out / "tags", f"{case.id}.npy"), case.tags)
         cases.append({"id": case.id, "split": case.split, "image": case.image, "mask": case.mask,
                       "n_slices": geom.n_slices, "positive_slices": int(case.tags.any(1).sum()),
                       "geometry": geom.to_dict()})
@@ -94,6 +96,10 @@ def run(ctx: base.StageContext) -> dict:
 def extra_inputs(ctx: base.StageContext) -> dict:
     """The manifest's bytes and each image's size and mtime (cheap; a re-exported image re-runs prepare)."""
     m = ctx.options.get("manifest")
+    if m is None:  # the manifest of the last prepare run (e.g. `ccam prepare -w W --force` after a damaged file)
+        m = ((base.read_record(ctx.workdir, "prepare") or {}).get("options") or {}).get("manifest")
+        if m is not None:
+            ctx.options["manifest"] = m
     if m is None:
         raise UserError("prepare needs --manifest", fix="pass --manifest path/to/manifest.json")
     p = Path(m)
@@ -117,6 +123,6 @@ STAGE = base.register(base.stage(
     help="Validate a manifest and write normalised S x S slices, slice tags and per-case geometry.",
     examples="ccam prepare --manifest data_manifests/abdomen_mr_ranges.json --workdir runs/mr\n"
              "ccam prepare --manifest cohort.json --workdir runs/ct --set data.slice_size=128",
-    options=[click.Option(["--manifest", "-m"], type=click.Path(dir_okay=False), required=False,
+    options=[click.Option(["--manifest", "-m"], type=click.Path(dir_okay=False, resolve_path=True), required=False,
                           help="Data manifest (JSON, DESIGN section 3).")],
 ))

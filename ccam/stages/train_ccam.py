@@ -61,8 +61,13 @@ def run(ctx: base.StageContext) -> dict:
     model = build_ccam(cfg, cohort, m_gc)
     pcam_path = artifacts.checkpoint(ctx.workdir, "train-pcam")
     try:
-        model.init_from_pcam(load_checkpoint(pcam_path)["model"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        pcam_state = load_checkpoint(pcam_path)["model"]
+    except Exception as e:  # a damaged or foreign file
+        raise UserError(f"cannot read the P-CAM checkpoint ({type(e).__name__})", path=str(pcam_path),
+                        fix=f"re-run `ccam train-pcam --workdir {ctx.workdir} --force`")
+    try:
+        model.init_from_pcam(pcam_state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"P-CAM checkpoint does not fit pcam.backbone={cfg.pcam.backbone} ({str(e).splitlines()[0][:120]})",
                         path=str(pcam_path), fix="re-run `ccam train-pcam --workdir W --force` with the current settings")
     model.to(device)
