@@ -153,6 +153,17 @@ def phantom_cmd(out, cases, seed, modality) -> None:
     click.echo(str(path))
 
 
+def _close_progress_bars() -> None:
+    """End any progress bar left open by the failed stage, so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # never hide the error behind a cosmetic failure
+        pass
+
+
 def main(argv=None) -> int:
     _register_commands()
     try:
@@ -160,6 +171,7 @@ def main(argv=None) -> int:
     except UserError as e:
         if _DEBUG["on"]:
             raise
+        _close_progress_bars()
         click.echo(f"ccam: error: {e}", err=True)
         return e.exit_code
     except click.exceptions.Abort:

@@ -12,6 +12,7 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, case: str | None = None, path: str | None = None, fix: str | None = None):
+        self.what, self.fix = message, fix  # the parts, for errors that collect several problems
         parts = []
         if case:
             parts.append(f"case {case}")

@@ -208,17 +208,21 @@ def load_manifest(path: str | Path) -> Manifest:
         try:
             shape, affine = read_header(img_path, case=c.id)
         except UserError as e:
-            probs.append(f"case {c.id}: image: {e}")
+            probs.append(f"case {c.id}: image: {e.what} ({Path(img_path).name})")
             continue
         n = shape[slice_axis_of(affine, m.slice_axis)]
         if mask_path is not None:
             try:
                 mshape, maffine = read_header(mask_path, case=c.id)
-                if tuple(mshape) != tuple(shape) or not np.allclose(maffine, affine, atol=1e-3):
+                if tuple(mshape) != tuple(shape):
                     probs.append(f"case {c.id}: mask: image and mask are on different grids (shape {tuple(shape)} vs {tuple(mshape)})")
                     mask_path = None
+                elif not np.allclose(maffine, affine, atol=1e-3):
+                    probs.append(f"case {c.id}: mask: image and mask are on different grids (same shape, another position or "
+                                 "orientation in the header)")
+                    mask_path = None
             except UserError as e:
-                probs.append(f"case {c.id}: mask: {e}")
+                probs.append(f"case {c.id}: mask: {e.what} ({Path(mask_path).name})")
                 mask_path = None
         tags = np.zeros((n, len(m.classes)), np.uint8)
         if m.tags_from_masks:

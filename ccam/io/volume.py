@@ -77,6 +77,16 @@ def check_grid(shape: tuple, affine: np.ndarray, dtype, path: Path, case: str | 
                         case=case, path=str(path), fix="fix the header's voxel size and orientation (pixdim / qform / sform)")
 
 
+def _raw_pixdim(path: Path, img) -> np.ndarray:
+    """Voxel sizes as stored: nibabel replaces a 0 by 1 on load, which would hide a broken header."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fobj:
+            hdr = type(img.header).from_fileobj(fobj, check=False)
+        return np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # unreadable header: the normal load reports it
+        return np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -170,6 +180,10 @@ def read_header(path: str | Path, case: str | None = None) -> tuple[tuple[int, i
         except Exception as e:
             raise UserError(f"cannot read image header ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path), fix="check the file is a valid, complete NIfTI")
         shape, affine = _squeeze_3d(img.shape, path, case), np.asarray(img.affine, dtype=np.float64)
+        pixdim = _raw_pixdim(path, img)
+        if (np.abs(pixdim) < 1e-6).any():  # nibabel silently reads a 0 voxel size as 1 mm
+            raise UserError(f"image geometry is broken (voxel size {tuple(float(v) for v in pixdim)} mm in the header)",
+                            case=case, path=str(path), fix="fix the header's voxel size (pixdim)")
         check_grid(shape, affine, img.get_data_dtype(), path, case)
         return shape, affine
     shape, affine, dtype = _read_sitk(path, case, header_only=True)

@@ -103,17 +103,18 @@ def extra_inputs(ctx: base.StageContext) -> dict:
     if m is None:
         raise UserError("prepare needs --manifest", fix="pass --manifest path/to/manifest.json")
     p = Path(m)
-    if not p.exists():
-        raise UserError("manifest not found", path=str(p), fix="check the --manifest path")
+    if not p.is_file():
+        raise UserError("manifest not found" if not p.exists() else "manifest is not a file", path=str(p),
+                        fix="pass the manifest's JSON file to --manifest")
     import json
 
     files = []
-    try:
-        for c in json.loads(p.read_text()).get("cases", []):
+    try:  # a manifest that does not parse is reported by load_manifest, with all its problems
+        for c in json.loads(p.read_text(encoding="utf-8-sig")).get("cases", []):
             ip = (p.parent / str(c.get("image", ""))).resolve()
             st = os.stat(ip) if ip.exists() else None
             files.append([str(ip), st.st_size if st else None, st.st_mtime_ns if st else None])
-    except (json.JSONDecodeError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError, OSError):
         pass
     return {"manifest": sha256_file(p), "images": files}
 
