@@ -160,7 +160,11 @@ def _read_sitk(path: Path, case: str | None, header_only: bool):
     except UserError:
         raise
     except Exception as e:  # SimpleITK raises RuntimeError with a long multi-line text
-        raise UserError(f"cannot read image ({str(e).strip().splitlines()[-1][:160]})", case=case, path=str(path), fix="check the file is a valid, complete image")
+        last = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+        if "No such file" in last and path.exists():  # ITK's words for a header whose pixel data is cut short or absent
+            raise UserError("cannot read image: the file is truncated or its pixel data is missing", case=case, path=str(path),
+                            fix="re-export the image (for .mhd, keep the .raw/.zraw file beside it)")
+        raise UserError(f"cannot read image ({last})", case=case, path=str(path), fix="check the file is a valid, complete image")
     if img.GetNumberOfComponentsPerPixel() > 1:
         check_grid((1, 1, 1), np.eye(4), _sitk_dtype(img.GetPixelID(), img.GetNumberOfComponentsPerPixel()), path, case)
     if img.GetDimension() != 3:
