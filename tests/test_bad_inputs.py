@@ -481,3 +481,15 @@ def test_gzip_bomb_free_nifti_header_mismatch(tmp_path, cli):
     rc, _, err = cli("prepare", "--manifest", man, "--workdir", tmp_path / "w")
     assert rc == 2 and "img.nii.gz" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_tags_csv_with_blank_first_line_is_read(phantom_manifest, tmp_path, cli):
+    """Spreadsheet exports often start with an empty line: it is skipped, not an error (was a traceback)."""
+    ctx = {"tmp": tmp_path, "manifest": phantom_manifest, "w": tmp_path / "w"}
+    n = nib.load(str(Path(phantom_manifest).parent / json.loads(Path(phantom_manifest).read_text())["cases"][0]["image"])).shape[2]
+    rows = "\n".join(f"{i},{int(2 <= i <= 4)},0,0,0" for i in range(n))
+    argv = _tags_csv(ctx, "\n\nslice,liver,right_kidney,left_kidney,spleen\n" + rows + "\n")
+    rc, _, err = cli(*argv, "--set", "data.slice_size=32")
+    assert rc == 0, err[-1500:]
+    tags = Cohort(tmp_path / "w").case(_case0(ctx)).tags()
+    assert tags[:, 0].sum() == 3 and tags[2:5, 0].all()
