@@ -63,3 +63,17 @@ def prepared(tmp_path, phantom_manifest, tmp_path_factory):
         return dst
 
     return make
+
+
+FAST_PIPELINE = ("data.slice_size=32", "pcam.epochs=1", "pcam.batch_size=8", "pcam.width=0.25", "ccam.epochs=1",
+                 "ccam.batch_size=8", "cam.scales=[1.0]")
+
+
+@pytest.fixture(scope="session")
+def through_pseudo_masks(tmp_path_factory, phantom_manifest) -> Path:
+    """A small work dir with prepare, train-pcam, sample, train-ccam and pseudo-masks done (S = 32, one epoch
+    each). Copy it before changing anything."""
+    w = tmp_path_factory.mktemp("through_pseudo") / "w"
+    sets = [x for s in FAST_PIPELINE for x in ("--set", s)]
+    assert ccam_main(["run", "--manifest", str(phantom_manifest), "--workdir", str(w), "--until", "pseudo-masks", *sets]) == 0
+    return w

@@ -23,16 +23,9 @@ import pytest
 from ccam.cli import main as ccam_main
 from ccam.data.cohort import Cohort
 
-FAST = ("data.slice_size=32", "pcam.epochs=1", "pcam.batch_size=8", "pcam.width=0.25", "ccam.epochs=1",
-        "ccam.batch_size=8", "cam.scales=[1.0]")
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, phantom_manifest) -> Path:
-    w = tmp_path_factory.mktemp("battery") / "w"
-    sets = [x for s in FAST for x in ("--set", s)]
-    assert ccam_main(["run", "--manifest", str(phantom_manifest), "--workdir", str(w), "--until", "pseudo-masks", *sets]) == 0
-    return w
+def base(through_pseudo_masks) -> Path:
+    return through_pseudo_masks
 
 
 def tree_hash(root: Path) -> dict:

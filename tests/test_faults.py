@@ -26,26 +26,22 @@ import torch
 
 from ccam.cli import main as ccam_main
 
-FAST = ("data.slice_size=32", "pcam.epochs=1", "pcam.batch_size=8", "pcam.width=0.25", "ccam.epochs=1",
-        "ccam.batch_size=8", "cam.scales=[1.0]", "refine.batch_size=8", "refine.t=4", "seg.channels=[8,16]")
 # per stage: settings that make it run long enough to be killed in the middle, and the file whose
 # appearance says it has done durable work
 TRIALS = {
     "train-pcam": (("pcam.epochs=6",), "pcam/checkpoint_last.pt"),
     "sample": (("cam.scales=[1.0,0.5,1.5]",), "sample/cams"),
     "train-ccam": (("ccam.epochs=6",), "ccam/checkpoint_last.pt"),
-    "refine": (("refine.enabled=true", "refine.epochs=4"), "refined_masks/affinity/checkpoint_last.pt"),
-    "train-seg": (("seg.epochs=6", "seg.slices_per_epoch=64"), "seg/checkpoint_last.pt"),
+    "refine": (("refine.enabled=true", "refine.epochs=4", "refine.batch_size=8", "refine.t=4"),
+               "refined_masks/affinity/checkpoint_last.pt"),
+    "train-seg": (("seg.epochs=6", "seg.slices_per_epoch=64", "seg.channels=[8,16]"), "seg/checkpoint_last.pt"),
 }
 RUNTIME = ("runtime.num_threads=1",)  # same threads in the child and here: identical float sums
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, phantom_manifest) -> Path:
-    w = tmp_path_factory.mktemp("faults") / "w"
-    sets = [x for s in FAST for x in ("--set", s)]
-    assert ccam_main(["run", "--manifest", str(phantom_manifest), "--workdir", str(w), "--until", "pseudo-masks", *sets]) == 0
-    return w
+def base(through_pseudo_masks) -> Path:
+    return through_pseudo_masks
 
 
 @pytest.fixture(autouse=True)
