@@ -37,9 +37,15 @@ class Section(BaseModel):
 
 class RuntimeConfig(Section):
     seed: int = 0
-    device: str = "auto"  # auto = cuda when present, else cpu
-    num_threads: int = 0  # 0 = torch's default
-    num_workers: int = 0  # DataLoader workers; 0 is the most portable
+    device: str = "auto"  # auto = cuda when present (pinned memory, non-blocking copies), else cpu
+    # torch's compute threads; 0 = the cores this process may use (CPU affinity, cgroup quota).
+    # Fixed for the run, not adapted to the load: the thread count changes float rounding
+    num_threads: int = 0
+    # DataLoader worker processes; 0 = load in the main process (slices are memory-mapped and
+    # augmented by batch, so workers would only compete with the compute threads for the cores)
+    num_workers: int = 0
+    # fp32, or bf16 autocast for the inference of CAM extraction (sample, pseudo-masks) and predict
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class DataConfig(Section):
@@ -351,12 +357,17 @@ def load_settings(workdir, config_file=None, sets=(), save_to_workdir: bool = Tr
     return cfg
 
 
-def apply_threads(cfg: Config) -> None:
-    """``runtime.num_threads`` > 0 sets torch's intra-op threads (0 keeps torch's default)."""
-    if cfg.runtime.num_threads > 0:
+def apply_threads(cfg: Config) -> dict:
+    """Set torch's threads from ``runtime.num_threads`` (0 = the cores this process may use) and log
+    the choice (`ccam.threads.apply`); returns it."""
+    from ccam import threads
+
+    device = str(cfg.runtime.device)
+    if device == "auto":
         import torch
 
-        torch.set_num_threads(cfg.runtime.num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return threads.apply(cfg.runtime.num_threads, cfg.runtime.num_workers, device)
 
 
 def save(cfg: Config, workdir: Path) -> None:

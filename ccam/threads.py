@@ -1,0 +1,134 @@
+"""CPU threads: how many, and how idle OpenMP threads wait (issue 12).
+
+Why a stage crawled on a busy machine: torch's CPU kernels run on an OpenMP team (GNU libgomp in
+the pip wheels) of one thread per core. Between two parallel regions, and at the barrier that ends
+each one, libgomp's idle threads *spin* (by default ~300 000 iterations, milliseconds) before they
+sleep. With one other CPU-bound process on a 2-core machine there are three runnable threads for
+two cores: the torch thread that shares a core with the competitor is often descheduled, and its
+team mate burns its own time slice spinning at the barrier instead of letting the scheduler run
+anybody useful. Every one of the thousands of small parallel regions of an epoch pays for that
+(benchmarks/under_load.py: several times the idle wall time, the issue saw 17x).
+
+The fix, in code: ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep on a futex at once)
+set in the environment *before torch loads libgomp* (libgomp reads it once, when it is loaded),
+by `prepare_openmp`, which `ccam/__init__.py` calls. It changes no arithmetic, so results stay
+bit-identical; an ``OMP_WAIT_POLICY`` the user set wins. ``CCAM_OMP_WAIT=default`` leaves
+libgomp's own default in place (benchmarks measure the "before" with it).
+
+The thread count does change floating-point reduction order (a model trained with 1 and 2 threads
+differs), so it is *not* adapted to the load: ``runtime.num_threads: 0`` means the cores this
+process may use (`os.sched_getaffinity`, capped by a cgroup CPU quota), fixed for the run, and
+the same seed on the same machine gives the same weights whatever else runs.
+
+This module imports nothing heavy: `prepare_openmp` must run before ``import torch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("ccam")
+
+OPT_OUT = "CCAM_OMP_WAIT"  # "default": keep libgomp's spin-then-sleep default (benchmarks' "before")
+_STATE: dict = {"openmp": None, "logged": None}
+
+
+def prepare_openmp(environ: Optional[dict] = None) -> str:
+    """Choose how idle OpenMP threads wait; must run before torch is imported. Returns the policy in effect.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set one (theirs is kept) or ``CCAM_OMP_WAIT=default``.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(OPT_OUT, "").lower() == "default" and "OMP_WAIT_POLICY" not in env:
+        policy = "libgomp default (spin, then sleep)"
+    elif "OMP_WAIT_POLICY" in env:
+        policy = f"{env['OMP_WAIT_POLICY'].lower()} (set by the user)"
+    else:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        policy = "passive"
+    if environ is None:
+        _STATE["openmp"] = policy
+    return policy
+
+
+def openmp_policy() -> str:
+    """The wait policy chosen by `prepare_openmp` in this process, or what the environment says."""
+    if _STATE["openmp"] is not None:
+        return _STATE["openmp"]
+    v = os.environ.get("OMP_WAIT_POLICY")
+    return f"{v.lower()} (environment)" if v else "libgomp default (spin, then sleep)"
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
+    """CPUs allowed by a cgroup v2 quota (``cpu.max``: "quota period"), or None without one."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(0.01, int(quota) / int(period))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (at least 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.floor(limit)))
+    return max(1, n)
+
+
+def resolve_threads(requested: int) -> int:
+    """``runtime.num_threads``: 0 = `available_cores`, else the number asked for."""
+    return requested if requested > 0 else available_cores()
+
+
+def resolve_workers(requested: int) -> int:
+    """DataLoader worker processes for ``runtime.num_workers``.
+
+    0 keeps loading in the main process: the datasets read memory-mapped slices and augment whole
+    batches in the main process, so a worker only adds a process that competes with the compute
+    threads for the same cores. A number > 0 is used as given (e.g. slow network storage), capped
+    at the cores this process may use minus one, so workers and the compute threads do not
+    oversubscribe the machine.
+    """
+    if requested <= 0:
+        return 0
+    return max(1, min(requested, available_cores() - 1))
+
+
+def apply(num_threads: int, num_workers: int = 0, device: str = "cpu") -> dict:
+    """Set torch's intra-op threads (and one inter-op thread) for this process; log the choice once.
+
+    Returns what was chosen: ``threads``, ``interop_threads``, ``cores``, ``workers``, ``openmp_wait``.
+    """
+    import torch
+
+    threads = resolve_threads(num_threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    try:
+        # ccam never runs independent ops concurrently (no torch.jit.fork): one inter-op thread is
+        # enough and keeps the process from owning two pools of threads per core
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work has started: keep it
+        pass
+    chosen = {"threads": threads, "interop_threads": torch.get_num_interop_threads(), "cores": available_cores(),
+              "workers": resolve_workers(num_workers), "openmp_wait": openmp_policy(), "device": device}
+    if _STATE["logged"] != chosen:
+        _STATE["logged"] = chosen
+        log.info("runtime: %d compute thread(s) on %d usable core(s)%s, OpenMP wait %s, %d DataLoader worker(s), device %s",
+                 threads, chosen["cores"], "" if num_threads <= 0 else " (runtime.num_threads)", chosen["openmp_wait"],
+                 chosen["workers"], device)
+    return chosen
