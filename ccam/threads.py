@@ -17,8 +17,9 @@ libgomp's own default in place (benchmarks measure the "before" with it).
 
 The thread count does change floating-point reduction order (a model trained with 1 and 2 threads
 differs), so it is *not* adapted to the load: ``runtime.num_threads: 0`` means the cores this
-process may use (`os.sched_getaffinity`, capped by a cgroup CPU quota), fixed for the run, and
-the same seed on the same machine gives the same weights whatever else runs.
+process may use (`os.sched_getaffinity`, capped by a cgroup CPU quota, by ``OMP_NUM_THREADS``
+and by a thread count the host program set before calling ccam), fixed for the run, and the same
+seed on the same machine gives the same weights whatever else runs.
 
 This module imports nothing heavy: `prepare_openmp` must run before ``import torch``.
 """
@@ -34,7 +35,7 @@ from typing import Optional
 log = logging.getLogger("ccam")
 
 OPT_OUT = "CCAM_OMP_WAIT"  # "default": keep libgomp's spin-then-sleep default (benchmarks' "before")
-_STATE: dict = {"openmp": None, "logged": None}
+_STATE: dict = {"openmp": None, "host": None}
 
 
 def prepare_openmp(environ: Optional[dict] = None) -> str:
@@ -89,9 +90,19 @@ def available_cores() -> int:
     return max(1, n)
 
 
-def resolve_threads(requested: int) -> int:
-    """``runtime.num_threads``: 0 = `available_cores`, else the number asked for."""
-    return requested if requested > 0 else available_cores()
+def resolve_threads(requested: int, host: Optional[int] = None) -> int:
+    """``runtime.num_threads``: a number > 0 as asked; 0 = `available_cores`, or fewer when the host
+    chose fewer: ``OMP_NUM_THREADS``, or ``host``, the torch thread count the process had before
+    ccam first set it (a program that calls ccam after ``torch.set_num_threads(1)`` keeps 1)."""
+    if requested > 0:
+        return requested
+    n = available_cores()
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    if host is not None and host > 0:
+        n = min(n, host)
+    return n
 
 
 def resolve_workers(requested: int) -> int:
@@ -109,13 +120,15 @@ def resolve_workers(requested: int) -> int:
 
 
 def apply(num_threads: int, num_workers: int = 0, device: str = "cpu") -> dict:
-    """Set torch's intra-op threads (and one inter-op thread) for this process; log the choice once.
+    """Set torch's intra-op threads (and one inter-op thread) for this process and log the choice.
 
     Returns what was chosen: ``threads``, ``interop_threads``, ``cores``, ``workers``, ``openmp_wait``.
     """
     import torch
 
-    threads = resolve_threads(num_threads)
+    if _STATE.get("host") is None:
+        _STATE["host"] = torch.get_num_threads()
+    threads = resolve_threads(num_threads, _STATE["host"])
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     try:
@@ -126,9 +139,7 @@ def apply(num_threads: int, num_workers: int = 0, device: str = "cpu") -> dict:
         pass
     chosen = {"threads": threads, "interop_threads": torch.get_num_interop_threads(), "cores": available_cores(),
               "workers": resolve_workers(num_workers), "openmp_wait": openmp_policy(), "device": device}
-    if _STATE["logged"] != chosen:
-        _STATE["logged"] = chosen
-        log.info("runtime: %d compute thread(s) on %d usable core(s)%s, OpenMP wait %s, %d DataLoader worker(s), device %s",
-                 threads, chosen["cores"], "" if num_threads <= 0 else " (runtime.num_threads)", chosen["openmp_wait"],
-                 chosen["workers"], device)
+    log.info("runtime: %d compute thread(s) on %d usable core(s)%s, OpenMP wait %s, %d DataLoader worker(s), device %s",
+             threads, chosen["cores"], "" if num_threads <= 0 else " (runtime.num_threads)", chosen["openmp_wait"],
+             chosen["workers"], device)
     return chosen

@@ -31,6 +31,14 @@ def select_device(cfg) -> torch.device:
     return torch.device(want)
 
 
+def loader_options(cfg, device: torch.device) -> dict:
+    """DataLoader keywords from ``runtime``: worker processes (`ccam.threads.resolve_workers`) and,
+    on CUDA, pinned host memory so ``.to(device, non_blocking=True)`` copies overlap compute."""
+    from ccam.threads import resolve_workers
+
+    return {"num_workers": resolve_workers(cfg.runtime.num_workers), "pin_memory": device.type == "cuda"}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -39,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last: bool, num_workers: int, desc: str,
                    optimizer: torch.optim.Optimizer, scheduler=None,
-                   loss_of: Callable[[dict, torch.Generator], tuple[torch.Tensor, int]]) -> float:
+                   loss_of: Callable[[dict, torch.Generator], tuple[torch.Tensor, int]], pin_memory: bool = False) -> float:
     """One training epoch over ``dataset`` shuffled by a generator seeded with (seed, epoch); returns the mean loss.
 
     ``loss_of(batch, generator)`` gives (loss, slices in the batch); the same generator that
@@ -47,10 +55,11 @@ def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last
     (a resumed run draws what the uninterrupted one drew).
     """
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    from ccam.progress import tqdm
 
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen, num_workers=num_workers,
+                        pin_memory=pin_memory)
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
     for batch in bar:

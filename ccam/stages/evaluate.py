@@ -32,7 +32,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase
@@ -42,6 +41,7 @@ from ccam.io.volume import read_volume
 from ccam.localisation import Localisation, markdown_table as localisation_table
 from ccam.metrics import dice_from_confusion, dice_per_class, read_ground_truth, surface_distances, tau_confusions
 from ccam.reports import fmt, markdown_table, stage_dice_table
+from ccam.progress import tqdm
 from ccam.stages import base
 
 log = logging.getLogger("ccam")

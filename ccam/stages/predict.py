@@ -26,7 +26,6 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.data.cohort import Cohort
@@ -39,6 +38,7 @@ from ccam.models.segmenter import Segmenter
 from ccam.io.hashing import sha256_file
 from ccam.io.inputs import find_inputs, parse_part
 from ccam.io.paths import inside
+from ccam.progress import tqdm
 from ccam.stages import base
 from ccam.training import select_device
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.anatomy import anatomy_chain
@@ -25,6 +24,7 @@ from ccam.cam import coarse_labels, coarse_mask_volume
 from ccam.data.cohort import Cohort
 from ccam.io.atomic import save_npy
 from ccam.io.volume import write_label_map
+from ccam.progress import tqdm
 from ccam.stages import base
 
 log = logging.getLogger("ccam")

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.affinity import (IGNORE, affinity_labels, affinity_loss, background_score, confident_seeds, half_disk_offsets,
@@ -36,8 +35,9 @@ from ccam.io.geometry import labels_to_source
 from ccam.io.volume import write_label_map
 from ccam.anatomy import anatomy_chain
 from ccam.models.affinity import AffinityNet
+from ccam.progress import tqdm
 from ccam.stages import base
-from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device
+from ccam.training import EpochLoop, loader_options, poly_lambda, seed_everything, select_device
 
 log = logging.getLogger("ccam")
 
@@ -91,7 +91,7 @@ class SeedSliceDataset(Dataset):
 # AffinityNet training
 # --------------------------------------------------------------------------------------------
 def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: torch.device,
-                   num_workers: int = 0) -> tuple[AffinityNet, list[dict]]:
+                   num_workers: int = 0, pin_memory: bool = False) -> tuple[AffinityNet, list[dict]]:
     """Train AffinityNet on ``dataset`` items {image (1, S, S), seeds (S, S)}; checkpointed in ``folder``.
 
     Re-running with the same folder resumes after the last complete epoch (same final weights).
@@ -104,7 +104,7 @@ def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: tor
         raise UserError(f"affinity training needs at least 2 tagged training slices, found {len(dataset)}",
                         fix="add training cases with tagged slices, or set refine.enabled=false")
     # drop_last: a lone last slice would break batch norm
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=pin_memory)
     opt = torch.optim.SGD(model.param_groups(rc.lr, rc.head_lr_mult), lr=rc.lr, momentum=rc.momentum,
                           weight_decay=rc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(rc.epochs * len(loader), rc.poly_power))
@@ -112,7 +112,7 @@ def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: tor
     def train_epoch(epoch: int) -> dict:
         sums = {"loss": 0.0, "bg_loss": 0.0, "fg_loss": 0.0, "neg_loss": 0.0}
         for item in tqdm(loader, desc=f"affinity epoch {epoch + 1}/{rc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
-            x = item["image"].to(device)
+            x = item["image"].to(device, non_blocking=True)
             aff = model.affinities(x, rc.radius)
             grid = seeds_to_grid(item["seeds"].to(device), tuple(aff.shape[-2:]))
             loss, parts = affinity_loss(aff, *affinity_labels(grid, offsets))
@@ -185,7 +185,7 @@ def run(ctx: base.StageContext) -> dict:
     # 2. AffinityNet on the seeds' pairs
     dataset = SeedSliceDataset(train, seeds_dir)
     model, history = train_affinity(ctx.dir / "affinity", dataset, rc, seed=cfg.runtime.seed, device=device,
-                                    num_workers=cfg.runtime.num_workers)
+                                    **loader_options(cfg, device))
 
     # 3. random walk for every case
     changed = total = 0

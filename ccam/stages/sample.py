@@ -20,7 +20,6 @@ import logging
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.anatomy import global_context, positional_indicator
@@ -31,6 +30,7 @@ from ccam.io.atomic import atomic_path, save_npy
 from ccam.io.volume import write_label_map
 from ccam.data.augment import use_flip
 from ccam.models.pcam import PCAM
+from ccam.progress import tqdm
 from ccam.stages import base
 from ccam.training import select_device
 

@@ -24,7 +24,7 @@ from ccam.data.cohort import Cohort, PreparedCase, SliceDataset
 from ccam.errors import UserError
 from ccam.models.ccam import build_ccam
 from ccam.stages import base
-from ccam.training import EpochLoop, load_checkpoint, poly_lambda, seed_everything, select_device, shuffled_epoch
+from ccam.training import EpochLoop, load_checkpoint, loader_options, poly_lambda, seed_everything, select_device, shuffled_epoch
 
 log = logging.getLogger("ccam")
 
@@ -82,7 +82,7 @@ def run(ctx: base.StageContext) -> dict:
     criterion = torch.nn.BCEWithLogitsLoss()
 
     def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        x, tags, coarse = batch["image"].to(device), batch["tags"].to(device), batch["coarse"].to(device)
+        x, tags, coarse = (batch[k].to(device, non_blocking=True) for k in ("image", "tags", "coarse"))
         warp = None
         if cc.augment:
             # one affine per slice for the image and (inside the model) for M_c; never a flip
@@ -92,17 +92,17 @@ def run(ctx: base.StageContext) -> dict:
 
     def train_epoch(epoch: int) -> dict:
         loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,
-                              num_workers=cfg.runtime.num_workers, desc=f"train-ccam {epoch + 1}/{cc.epochs}",
+                              **loader_options(cfg, device), desc=f"train-ccam {epoch + 1}/{cc.epochs}",
                               optimizer=optimizer, scheduler=scheduler, loss_of=loss_of)
         # how much the classifier leans on the location prior M_c (0 = still P-CAM)
         m_c_weight = float(model.classifier.weight.detach()[:, -1].abs().mean())
         return {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "m_c_weight": m_c_weight}
 
     def validate(epoch: int) -> dict:
-        loader = DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.runtime.num_workers)
+        loader = DataLoader(val_set, batch_size=bs, shuffle=False, **loader_options(cfg, device))
         total, correct, n = 0.0, 0.0, 0
         for batch in loader:
-            x, tags, coarse = batch["image"].to(device), batch["tags"].to(device), batch["coarse"].to(device)
+            x, tags, coarse = (batch[k].to(device, non_blocking=True) for k in ("image", "tags", "coarse"))
             logits = model(x, coarse=coarse)
             total += float(criterion(logits, tags)) * x.shape[0]
             correct += float(((logits > 0).float() == tags).float().mean(1).sum())

@@ -25,7 +25,7 @@ from ccam.data.cohort import Cohort, SliceDataset
 from ccam.errors import UserError
 from ccam.models.pcam import PCAM
 from ccam.stages import base
-from ccam.training import EpochLoop, poly_lambda, seed_everything, select_device, shuffled_epoch
+from ccam.training import EpochLoop, loader_options, poly_lambda, seed_everything, select_device, shuffled_epoch
 
 log = logging.getLogger("ccam")
 
@@ -92,20 +92,20 @@ def run(ctx: base.StageContext) -> dict:
         log.warning("train-pcam: no validation cases; checkpoint_best is the final model")
 
     def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        x = augment(batch["image"].to(device), generator=gen)
-        return F.binary_cross_entropy_with_logits(model(x), batch["tags"].to(device)), x.shape[0]
+        x = augment(batch["image"].to(device, non_blocking=True), generator=gen)
+        return F.binary_cross_entropy_with_logits(model(x), batch["tags"].to(device, non_blocking=True)), x.shape[0]
 
     def train_epoch(epoch: int) -> dict:
         loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,
-                              num_workers=cfg.runtime.num_workers, desc=f"train-pcam {epoch + 1}/{pc.epochs}",
+                              **loader_options(cfg, device), desc=f"train-pcam {epoch + 1}/{pc.epochs}",
                               optimizer=optimizer, scheduler=scheduler, loss_of=loss_of)
         return {"loss": loss, "lr": optimizer.param_groups[0]["lr"]}
 
     def validate(epoch: int) -> dict:
-        loader = DataLoader(val_set, batch_size=max(bs, 32), shuffle=False, num_workers=cfg.runtime.num_workers)
+        loader = DataLoader(val_set, batch_size=max(bs, 32), shuffle=False, **loader_options(cfg, device))
         logits, tags = [], []
         for batch in loader:
-            logits.append(model(batch["image"].to(device)).float().cpu())
+            logits.append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
             tags.append(batch["tags"])
         lg, tg = torch.cat(logits), torch.cat(tags)
         rec = {"val_loss": float(F.binary_cross_entropy_with_logits(lg, tg))}

@@ -29,7 +29,6 @@ from monai.losses import DiceCELoss
 from monai.utils import convert_to_tensor
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd, RandShiftIntensityd
 from torch.utils.data import DataLoader, Dataset, RandomSampler
-from tqdm import tqdm
 
 from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase, label_stack_from_file
@@ -40,8 +39,9 @@ from ccam.io.volume import MASK_SUFFIXES, mask_file
 from ccam.metrics import DiceAccumulator
 from ccam.models.segmenter import Segmenter, segmenter_spec
 from ccam.review.decisions import apply_decisions, decisions_hash, mask_sources_table
+from ccam.progress import tqdm
 from ccam.stages import base
-from ccam.training import EpochLoop, seed_everything, select_device
+from ccam.training import EpochLoop, loader_options, seed_everything, select_device
 
 log = logging.getLogger("ccam")
 
@@ -218,11 +218,11 @@ def run(ctx: base.StageContext) -> dict:
     def train_epoch(epoch: int) -> dict:
         dataset.epoch_seed = cfg.runtime.seed * 1000 + epoch
         sampler = RandomSampler(dataset, num_samples=n_per_epoch)  # draws from the RNG EpochLoop seeded
-        loader = DataLoader(dataset, batch_size=sc.batch_size, sampler=sampler, num_workers=cfg.runtime.num_workers,
+        loader = DataLoader(dataset, batch_size=sc.batch_size, sampler=sampler, **loader_options(cfg, device),
                             drop_last=n_per_epoch > sc.batch_size)  # every step sees a full batch
         total, n = 0.0, 0
         for batch in tqdm(loader, desc=f"train-seg epoch {epoch + 1}/{sc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
-            x, y = batch["image"].to(device), batch["label"].to(device)
+            x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

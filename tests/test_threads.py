@@ -1,0 +1,67 @@
+"""Threads (issue 12): how many compute threads, and how idle OpenMP threads wait."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ccam import threads
+
+
+def test_zero_means_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda root=None: None)
+    assert threads.available_cores() == len(os.sched_getaffinity(0))
+    assert threads.resolve_threads(0) == len(os.sched_getaffinity(0))
+    assert threads.resolve_threads(3) == 3  # an explicit number wins
+
+
+def test_quota_omp_num_threads_and_the_host_program_lower_the_automatic_count(monkeypatch, tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_cpu_limit(tmp_path) is None
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda root=None: 1.5)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda root=None: None)
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.resolve_threads(0) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.resolve_threads(0, host=1) == 1
+    assert threads.resolve_threads(0) == 8
+
+
+def test_workers_never_outnumber_the_spare_cores(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    assert threads.resolve_workers(0) == 0
+    assert threads.resolve_workers(4) == 1
+
+
+def test_openmp_waits_passively_unless_the_user_chose():
+    env: dict = {}
+    assert threads.prepare_openmp(env) == "passive" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.prepare_openmp(env).startswith("active") and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {threads.OPT_OUT: "default"}
+    assert "default" in threads.prepare_openmp(env) and "OMP_WAIT_POLICY" not in env
+
+
+def test_the_stage_command_applies_and_logs_its_choice(prepared, cli):
+    before = torch.get_num_threads()
+    w = prepared(32)
+    rc, _, err = cli("train-pcam", "--workdir", w, "--set", "pcam.epochs=1", "--set", "pcam.width=0.25",
+                     "--set", "runtime.num_threads=1")
+    assert rc == 0, err
+    assert "runtime: 1 compute thread(s)" in err and "OpenMP wait" in err and "DataLoader worker(s)" in err
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_is_a_runtime_setting(precision):
+    from ccam.config import resolve
+
+    assert resolve(None, None, [f"runtime.precision={precision}"]).runtime.precision == precision
