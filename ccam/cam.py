@@ -14,6 +14,7 @@ pass per class and are far slower; the same multi-scale sum, tag mask and normal
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -23,6 +24,17 @@ from monai.visualize import GradCAM, GradCAMpp
 from monai.visualize.class_activation_maps import ModelWithHooks
 
 METHODS = ("cam", "gradcam", "gradcampp", "layercam")
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """``runtime.precision``: fp32 runs as is (a no-op context); bf16 runs the network under
+    `torch.autocast` in bfloat16 on ``device`` (CPU or CUDA). Callers sum and normalise in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _cam_at(model, images: torch.Tensor, size: tuple[int, int], **extra: torch.Tensor) -> torch.Tensor:
@@ -70,9 +82,9 @@ def multiscale_cams(model, images: torch.Tensor, tags: torch.Tensor | None, scal
     total = None
     for s in scales:
         x, ex = _scaled(images, extra, s)
-        cam = _cam_at(model, x, size, **ex)
+        cam = _cam_at(model, x, size, **ex).float()  # a no-op in fp32; bf16 maps are summed in float32
         if flip:
-            cam = cam + _cam_at(model, x.flip(-1), size, **{k: v.flip(-1) for k, v in ex.items()}).flip(-1)
+            cam = cam + _cam_at(model, x.flip(-1), size, **{k: v.flip(-1) for k, v in ex.items()}).flip(-1).float()
         total = cam if total is None else total + cam
     return _finish(total, tags)
 
@@ -134,12 +146,13 @@ def gradient_cams(explainer, images: torch.Tensor, tags: torch.Tensor | None, nu
 def cams_for_slices(model, slices: np.ndarray | torch.Tensor, tags: np.ndarray | torch.Tensor | None, *,
                     method: str = "cam", scales: Sequence[float] = (1.0,), flip: bool = False, batch_size: int = 32,
                     device: torch.device | str = "cpu", extra: Optional[Mapping[str, np.ndarray | torch.Tensor]] = None,
-                    explainer=None, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                    explainer=None, progress: Optional[Callable[[int], None]] = None, precision: str = "fp32") -> torch.Tensor:
     """CAM stack (N, K, S, S) float16 on the CPU for a slice stack (N, S, S) and its tags (N, K).
 
     Slices go through the model ``batch_size`` at a time on ``device``; ``extra`` maps (N, ...)
     are cut into the same batches. Slices without any tag skip the network: their CAMs are 0.
-    ``progress(n)`` is called with the number of slices done after each batch.
+    ``progress(n)`` is called with the number of slices done after each batch. ``precision``:
+    "fp32", or "bf16" to run the network under autocast (`autocast`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {METHODS}")
@@ -158,10 +171,11 @@ def cams_for_slices(model, slices: np.ndarray | torch.Tensor, tags: np.ndarray |
         t = None if tag_t is None else tag_t[idx].to(device)
         ex = {name: torch.as_tensor(np.asarray(v)[idx_np] if not torch.is_tensor(v) else v[idx]).to(device)
               for name, v in (extra or {}).items()}
-        if method == "cam":
-            cams = multiscale_cams(model, x, t, scales, flip, **ex)
-        else:
-            cams = gradient_cams(explainer, x, t, k, scales, flip, **ex)
+        with autocast(precision, x.device):
+            if method == "cam":
+                cams = multiscale_cams(model, x, t, scales, flip, **ex)
+            else:
+                cams = gradient_cams(explainer, x, t, k, scales, flip, **ex)
         out[idx] = cams.to("cpu", torch.float16)
         if progress is not None:
             progress(len(idx))

@@ -49,9 +49,22 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def _make_stage_command(stage) -> click.Command:
-    def callback(workdir, config_file, sets, force, **options):
+    from ccam.parts import PER_CASE
+
+    def callback(workdir, config_file, sets, force, part=None, merge=False, **options):
         from ccam.runner import WorkdirLock, run_stage
 
+        if part is not None or merge:
+            from ccam import parts
+
+            if part is not None and merge:
+                raise UserError("--part and --merge are separate steps", fix="run each --part i/n, then --merge once")
+            cfg = config_mod.load_settings(workdir, config_file, sets, save_to_workdir=False)
+            if merge:
+                parts.merge(Path(workdir), cfg, stage.name, options)
+            else:
+                parts.run_part(Path(workdir), cfg, stage.name, part, options, force=force)
+            return
         with WorkdirLock(Path(workdir)):
             cfg = config_mod.load_settings(workdir, config_file, sets, save_to_workdir=False)  # saved once the stage is done
             run_stage(Path(workdir), cfg, stage.name, options, force=force, save_config=True)
@@ -59,6 +72,12 @@ def _make_stage_command(stage) -> click.Command:
     help_text = stage.help + ("\n\n\b\nExamples:\n" + "\n".join("  " + line for line in stage.examples.splitlines()) if stage.examples else "")
     cmd = click.Command(stage.name, callback=callback, help=help_text, short_help=stage.help.split(". ")[0].rstrip("."))
     cmd.params = options.params("workdir", "config", "set", "force") + list(stage.options)
+    if stage.name in PER_CASE:
+        cmd.params += [
+            click.Option(["--part"], metavar="I/N", help="Do every N-th case from the I-th (0-based, nnU-Net's convention), "
+                         "for N parallel jobs; the last part to end writes the stage record."),
+            click.Option(["--merge"], is_flag=True, help="Finish a stage whose parts all ended (the last part does this itself)."),
+        ]
     return cmd
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ccam import artifacts
+from ccam.cam import autocast
 from ccam.data.cohort import Cohort
 from ccam.data.normalise import normaliser
 from ccam.errors import UserError
@@ -49,18 +50,22 @@ log = logging.getLogger("ccam")
 
 @torch.inference_mode()
 def segment(model: Segmenter, blocks: Iterator[np.ndarray], geom: SliceGeometry, device: torch.device,
-            probabilities: bool = False, progress: Optional[tqdm] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+            probabilities: bool = False, progress: Optional[tqdm] = None,
+            precision: str = "fp32") -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Label map (I, J, K) uint8 on the source grid, and optionally probabilities (C, I, J, K) float16.
 
     ``blocks`` yields consecutive (b, S, S) float32 blocks of the normalised canonical stack.
+    ``precision`` "bf16" runs the U-Net under autocast (softmax and resampling stay float32).
     """
     n, plane = geom.n_slices, geom.plane_shape
     labels = np.empty((n,) + plane, dtype=np.uint8)  # canonical (N, R, C) at source resolution
     probs = np.empty((n, model.num_classes) + plane, dtype=np.float16) if probabilities else None
     a = 0
     for block in blocks:
-        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[:, None].to(device)
-        p = resize_slices(torch.softmax(model(x).float(), dim=1), plane)  # (b, C, R, C') probabilities
+        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[:, None].to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(x)
+        p = resize_slices(torch.softmax(logits.float(), dim=1), plane)  # (b, C, R, C') probabilities
         b = x.shape[0]
         labels[a:a + b] = p.max(1).indices.to(torch.uint8).cpu().numpy()  # = argmax(1), several times faster on CPU
         if probs is not None:
@@ -118,27 +123,49 @@ def write_probabilities(path: Path, probs: np.ndarray, affine: np.ndarray, class
 
 # -- pipeline stage: the prepared test cases ----------------------------------------------------
 
-def run(ctx: base.StageContext) -> dict:
+def _check_segmenter(ctx: base.StageContext, cohort: Cohort, meta: dict) -> None:
+    if cohort.slice_size != meta["slice_size"] or cohort.classes != meta["classes"]:
+        raise UserError("the segmenter was trained on another prepared cohort", path=str(artifacts.stage_dir(ctx.workdir, "train-seg")),
+                        fix=f"re-run `ccam train-seg --workdir {ctx.workdir}`")
+
+
+def part_cases(ctx: base.StageContext) -> list:
+    """The cases of the per-case loop, the test split, in a fixed order (`ccam.parts` gives part i/n every n-th from the i-th)."""
+    return Cohort(ctx.workdir).split("test")
+
+
+def run_part(ctx: base.StageContext, cases: list) -> int:
+    """Predict ``cases`` (those without a label map yet: files are written atomically); returns their slices."""
+    todo = [c for c in cases if not (ctx.dir / f"{c.id}.nii.gz").exists()]
+    if not todo:
+        return 0
     cfg = ctx.cfg
     device = select_device(cfg)
     model, meta = artifacts.load_segmenter(ctx.workdir, device)
     cohort = Cohort(ctx.workdir)
-    if cohort.slice_size != meta["slice_size"] or cohort.classes != meta["classes"]:
-        raise UserError("the segmenter was trained on another prepared cohort", path=str(artifacts.stage_dir(ctx.workdir, "train-seg")),
-                        fix=f"re-run `ccam train-seg --workdir {ctx.workdir}`")
-    cases = cohort.split("test")
-    if not cases:
-        log.info("predict: the cohort has no test case; nothing to predict")
+    _check_segmenter(ctx, cohort, meta)
     bs = cfg.predict.batch_size
     n_slices = 0
-    with tqdm(total=sum(c.n_slices for c in cases), desc="predict", unit="slice", dynamic_ncols=True) as bar:
-        for case in cases:
+    with tqdm(total=sum(c.n_slices for c in todo), desc="predict", unit="slice", dynamic_ncols=True) as bar:
+        for case in todo:
             geom = case.geometry
-            labels, _ = segment(model, prepared_blocks(case.slices(), bs), geom, device, progress=bar)
+            labels, _ = segment(model, prepared_blocks(case.slices(), bs), geom, device, progress=bar,
+                                precision=cfg.runtime.precision)
             write_label_map(ctx.dir / f"{case.id}.nii.gz", labels, geom.affine_array, n_labels=cohort.num_classes,
                             qform_code=geom.qform_code, sform_code=geom.sform_code)
             n_slices += case.n_slices
-    return {"cases": len(cases), "slices": n_slices, "checkpoint": artifacts.checkpoint(ctx.workdir, "train-seg").name}
+    return n_slices
+
+
+def run(ctx: base.StageContext) -> dict:
+    cohort = Cohort(ctx.workdir)
+    _check_segmenter(ctx, cohort, artifacts.load_segmenter(ctx.workdir, select_device(ctx.cfg))[1])
+    cases = part_cases(ctx)
+    if not cases:
+        log.info("predict: the cohort has no test case; nothing to predict")
+    run_part(ctx, cases)
+    return {"cases": len(cases), "slices": sum(c.n_slices for c in cases),
+            "checkpoint": artifacts.checkpoint(ctx.workdir, "train-seg").name}
 
 
 def extra_inputs(ctx: base.StageContext) -> dict:

@@ -160,6 +160,72 @@ def refine_stack(model: AffinityNet, slices: np.ndarray, cams: np.ndarray, rc, *
 # --------------------------------------------------------------------------------------------
 # stage
 # --------------------------------------------------------------------------------------------
+def _seeds_and_affinity(ctx: base.StageContext, cohort: Cohort, device: torch.device):
+    """Steps 1 and 2: seeds of the training cases and the trained AffinityNet; (model, history, dataset, seed counts).
+
+    Held under an exclusive lock on ``refined_masks/.affinity.lock``: parallel parts (`--part i/n`)
+    train it once, the others wait and then load it (`EpochLoop` resumes after the last epoch).
+    """
+    import fcntl
+
+    cfg, rc = ctx.cfg, ctx.cfg.refine
+    k = cohort.num_classes
+    train = cohort.split("train")
+    seeds_dir = ctx.dir / "seeds"
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    with open(ctx.dir / ".affinity.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
+        counts = np.zeros(3)  # background, foreground, ignore pixels of tagged slices
+        for case in tqdm(train, desc="refine seeds", unit="case", dynamic_ncols=True):
+            path = seeds_dir / f"{case.id}.npy"
+            if not path.exists():
+                save_npy(path, case_seeds(case.slices(), artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k), rc))
+            seeds = np.load(path)[case.tags().any(1)]
+            counts += [(seeds == 0).sum(), ((seeds > 0) & (seeds != IGNORE)).sum(), (seeds == IGNORE).sum()]
+        # 2. AffinityNet on the seeds' pairs
+        dataset = SeedSliceDataset(train, seeds_dir)
+        model, history = train_affinity(ctx.dir / "affinity", dataset, rc, seed=cfg.runtime.seed, device=device,
+                                        **loader_options(cfg, device))
+    return model, history, dataset, counts
+
+
+def _walk(ctx: base.StageContext, cohort: Cohort, model: AffinityNet, cases: list[PreparedCase], device: torch.device) -> None:
+    """Step 3 for ``cases`` (those without labels and label map yet)."""
+    cfg, rc = ctx.cfg, ctx.cfg.refine
+    k = cohort.num_classes
+    m_s = artifacts.positional_indicator(ctx.workdir, cohort) if cfg.anatomy.enabled else None
+    todo = [c for c in cases if not (artifacts.label_stack_path(ctx.workdir, "refine", c.id).exists()
+                                     and artifacts.mask_path(ctx.workdir, "refine", c.id).exists())]
+    # slices per forward pass + walk: the walk's cost is mostly per step, so big batches pay off;
+    # scaled with S so the trunk's activations stay ~ those of 32 slices at 128 x 128
+    walk_batch = max(1, min(32, 32 * 128 * 128 // cohort.slice_size ** 2))
+    for case in tqdm(todo, desc="refine walk", unit="case", dynamic_ncols=True):
+        lab_path, nii_path = artifacts.label_stack_path(ctx.workdir, "refine", case.id), artifacts.mask_path(ctx.workdir, "refine", case.id)
+        cams = artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k)
+        labels = refine_stack(model, case.slices(), cams, rc, tau=cfg.cam.tau, m_s=m_s, device=device, batch_size=walk_batch)
+        save_npy(lab_path, labels)
+        g = case.geometry
+        write_label_map(nii_path, labels_to_source(g, labels, k + 1), g.affine_array, n_labels=k,
+                        qform_code=g.qform_code, sform_code=g.sform_code)
+
+
+def part_cases(ctx: base.StageContext) -> list[PreparedCase]:
+    """The cases of the walk, in a fixed order (`ccam.parts` gives part i/n every n-th from the i-th)."""
+    return Cohort(ctx.workdir).cases
+
+
+def run_part(ctx: base.StageContext, cases: list[PreparedCase]) -> None:
+    """The random walk of ``cases``; the first part to get there makes the seeds and trains AffinityNet."""
+    if not ctx.cfg.refine.enabled:
+        return
+    require_densecrf()
+    cohort = Cohort(ctx.workdir)
+    device = select_device(ctx.cfg)
+    model = _seeds_and_affinity(ctx, cohort, device)[0]
+    _walk(ctx, cohort, model, cases, device)
+
+
 def run(ctx: base.StageContext) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.refine
     if not rc.enabled:
@@ -168,42 +234,13 @@ def run(ctx: base.StageContext) -> dict:
     require_densecrf()  # fail before any work when the CRF package is missing
     cohort = Cohort(ctx.workdir)
     device = select_device(cfg)
-    k = cohort.num_classes
-    m_s = artifacts.positional_indicator(ctx.workdir, cohort) if cfg.anatomy.enabled else None
-
-    # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
-    train = cohort.split("train")
-    seeds_dir = ctx.dir / "seeds"
-    counts = np.zeros(3)  # background, foreground, ignore pixels of tagged slices
-    for case in tqdm(train, desc="refine seeds", unit="case", dynamic_ncols=True):
-        path = seeds_dir / f"{case.id}.npy"
-        if not path.exists():
-            save_npy(path, case_seeds(case.slices(), artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k), rc))
-        seeds = np.load(path)[case.tags().any(1)]
-        counts += [(seeds == 0).sum(), ((seeds > 0) & (seeds != IGNORE)).sum(), (seeds == IGNORE).sum()]
-
-    # 2. AffinityNet on the seeds' pairs
-    dataset = SeedSliceDataset(train, seeds_dir)
-    model, history = train_affinity(ctx.dir / "affinity", dataset, rc, seed=cfg.runtime.seed, device=device,
-                                    **loader_options(cfg, device))
+    model, history, dataset, counts = _seeds_and_affinity(ctx, cohort, device)
 
     # 3. random walk for every case
+    _walk(ctx, cohort, model, cohort.cases, device)
     changed = total = 0
-    tau = cfg.cam.tau
-    # slices per forward pass + walk: the walk's cost is mostly per step, so big batches pay off;
-    # scaled with S so the trunk's activations stay ~ those of 32 slices at 128 x 128
-    walk_batch = max(1, min(32, 32 * 128 * 128 // cohort.slice_size ** 2))
-    for case in tqdm(cohort.cases, desc="refine walk", unit="case", dynamic_ncols=True):
-        lab_path, nii_path = artifacts.label_stack_path(ctx.workdir, "refine", case.id), artifacts.mask_path(ctx.workdir, "refine", case.id)
-        cams = artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k)
-        if lab_path.exists() and nii_path.exists():
-            labels = np.load(lab_path)
-        else:
-            labels = refine_stack(model, case.slices(), cams, rc, tau=tau, m_s=m_s, device=device, batch_size=walk_batch)
-            save_npy(lab_path, labels)
-            g = case.geometry
-            write_label_map(nii_path, labels_to_source(g, labels, k + 1), g.affine_array, n_labels=k,
-                            qform_code=g.qform_code, sform_code=g.sform_code)
+    for case in cohort.cases:
+        labels = np.load(artifacts.label_stack_path(ctx.workdir, "refine", case.id))
         before = artifacts.label_stack_path(ctx.workdir, "pseudo-masks", case.id)
         if before.exists():
             changed += int((np.load(before) != labels).sum())

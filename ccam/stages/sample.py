@@ -70,21 +70,27 @@ def save_map_png(path, image: np.ndarray, title: str, binary: bool = False) -> N
     plt.close(fig)
 
 
-def run(ctx: base.StageContext) -> dict:
+def part_cases(ctx: base.StageContext) -> list[PreparedCase]:
+    """The cases of the per-case loop, in a fixed order (`ccam.parts` gives part i/n every n-th from the i-th)."""
+    return Cohort(ctx.workdir).cases
+
+
+def run_part(ctx: base.StageContext, cases: list[PreparedCase]) -> None:
+    """CAMs, Coarse_i and coarse masks of ``cases`` (those not already done); M_GC and M_s come in `run`."""
     cfg, cc = ctx.cfg, ctx.cfg.cam
     cohort = Cohort(ctx.workdir)
-    out = ctx.dir
+    if not cohort.split("train"):
+        raise UserError("the prepared cohort has no training case", path=str(cohort.root), fix="mark cases 'train' in the manifest and re-run `ccam prepare`")
+    todo = [c for c in cases if not all(p.exists() for p in case_outputs(ctx.workdir, c))]
+    if len(todo) < len(cases):
+        log.info("sample: %d of %d cases already done, resuming", len(cases) - len(todo), len(cases))
+    if not todo:
+        return
     device = select_device(cfg)
     model = load_pcam(ctx.workdir, cfg, cohort.num_classes, device)
     flip = use_flip(cc.flip_tta, cohort.classes)
-    train_ids = {c.id for c in cohort.split("train")}
-    if not train_ids:
-        raise UserError("the prepared cohort has no training case", path=str(cohort.root), fix="mark cases 'train' in the manifest and re-run `ccam prepare`")
-    todo = [c for c in cohort.cases if not all(p.exists() for p in case_outputs(ctx.workdir, c))]
-    if len(todo) < len(cohort.cases):
-        log.info("sample: %d of %d cases already done, resuming", len(cohort.cases) - len(todo), len(cohort.cases))
-    log.info("sample: CAM method %s, scales %s, flip TTA %s, tau %.3f, device %s", cc.method, list(cc.scales),
-             "on" if flip else "off", cc.tau, device)
+    log.info("sample: CAM method %s, scales %s, flip TTA %s, tau %.3f, device %s, %s", cc.method, list(cc.scales),
+             "on" if flip else "off", cc.tau, device, cfg.runtime.precision)
     explainer = None
     if cc.method != "cam":
         from ccam.cam import gradient_explainer
@@ -94,7 +100,8 @@ def run(ctx: base.StageContext) -> dict:
     for case in todo:
         cams_path, coarse_path, mask_path = case_outputs(ctx.workdir, case)
         cams = cams_for_slices(model, case.slices(), case.tags(), method=cc.method, scales=cc.scales, flip=flip,
-                               batch_size=cc.batch_size, device=device, explainer=explainer, progress=bar.update)
+                               batch_size=cc.batch_size, device=device, explainer=explainer, progress=bar.update,
+                               precision=cfg.runtime.precision)
         coarse = coarse_labels(cams.float(), cc.tau).to(torch.uint8).numpy()
         geom = case.geometry
         labels = coarse_mask_volume(geom, cams, cc.tau)
@@ -104,6 +111,16 @@ def run(ctx: base.StageContext) -> dict:
         save_npy(cams_path, cams.numpy())  # written last: its presence marks the case done
     bar.close()
 
+
+def run(ctx: base.StageContext) -> dict:
+    cfg, cc = ctx.cfg, ctx.cfg.cam
+    cohort = Cohort(ctx.workdir)
+    out = ctx.dir
+    flip = use_flip(cc.flip_tta, cohort.classes)
+    run_part(ctx, cohort.cases)
+
+    # M_GC: integer one-hot counts of every training case summed, divided once (`ccam.anatomy.global_context`),
+    # so a cohort done in parts (`--part i/n`) gives the same bits as one process
     train_cases = cohort.split("train")
     m_gc, n = global_context((np.load(case_outputs(ctx.workdir, c)[1]) for c in train_cases), cohort.num_classes)
     m_s = positional_indicator(m_gc, cfg.anatomy.eps)
