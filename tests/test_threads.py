@@ -65,3 +65,32 @@ def test_precision_is_a_runtime_setting(precision):
     from ccam.config import resolve
 
     assert resolve(None, None, [f"runtime.precision={precision}"]).runtime.precision == precision
+
+
+def test_bf16_makes_the_cam_stages_stale_and_fp32_keeps_their_keys(through_pseudo_masks):
+    from ccam.config import resolve
+    from ccam.stages.base import stage_status
+
+    w = through_pseudo_masks
+    memo: dict = {}
+    fp32 = {s: stage_status(w, resolve(w), s, memo) for s in ("sample", "pseudo-masks")}
+    assert fp32 == {"sample": "done", "pseudo-masks": "done"}
+    cfg = resolve(w, None, ["runtime.precision=bf16"])
+    assert stage_status(w, cfg, "sample") == "stale" and stage_status(w, cfg, "pseudo-masks") == "stale"
+
+
+def test_bf16_cams_are_close_to_fp32_and_fp32_is_untouched():
+    from ccam.cam import cams_for_slices
+    from ccam.models.pcam import PCAM
+
+    torch.manual_seed(0)
+    from ccam.config import PCAMConfig
+
+    model = PCAM.from_config(PCAMConfig(width=0.25), 2, ["liver", "spleen"]).eval()
+    x = torch.rand(4, 32, 32)
+    tags = torch.ones(4, 2)
+    a = cams_for_slices(model, x, tags, scales=(1.0, 0.5))
+    b = cams_for_slices(model, x, tags, scales=(1.0, 0.5), precision="fp32")
+    c = cams_for_slices(model, x, tags, scales=(1.0, 0.5), precision="bf16")
+    assert torch.equal(a, b)
+    assert c.dtype == torch.float16 and float((a.float() - c.float()).abs().mean()) < 0.05
