@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase

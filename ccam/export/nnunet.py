@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam import __version__
 from ccam.data.cohort import Cohort

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam import __version__, artifacts
 from ccam.data.cohort import Cohort

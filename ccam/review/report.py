@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam import __version__
 from ccam.data.cohort import Cohort

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import click
 import numpy as np
 import torch
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam import artifacts
 from ccam.anatomy import anatomy_chain

@@ -219,7 +219,8 @@ def predict_files(workdir: Path, cfg, input_path: Path, output: Path, *, resume:
         vol = read_volume(path, case=cid)
         geom = SliceGeometry.from_affine(vol.array.shape, vol.affine, meta["slice_axis"], S, vol.qform_code, vol.sform_code)
         with tqdm(total=geom.n_slices, desc=cid, unit="slice", leave=False, dynamic_ncols=True) as bar:
-            labels, probs = segment(model, volume_blocks(vol.array, geom, meta, bs, cid), geom, device, probabilities, bar)
+            labels, probs = segment(model, volume_blocks(vol.array, geom, meta, bs, cid), geom, device, probabilities, bar,
+                                    precision=cfg.runtime.precision)
         del vol
         if probs is not None:
             write_probabilities(output / f"{cid}.npz", probs, geom.affine_array, meta["classes"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from tqdm import tqdm
+from ccam.progress import tqdm
 
 from ccam.data.manifest import Manifest, load_manifest
 from ccam.data.normalise import normaliser
