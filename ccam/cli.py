@@ -7,6 +7,7 @@ User errors print one line and exit with status 2 (``--debug`` shows the traceba
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -27,7 +28,9 @@ def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[ccam %(asctime)s] %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    from ccam import distributed
+
+    log.setLevel(logging.WARNING if quiet or not distributed.is_main() else logging.INFO)  # torchrun: rank 0 reports
     log.propagate = False
 
 
@@ -65,7 +68,10 @@ def _make_stage_command(stage) -> click.Command:
             else:
                 parts.run_part(Path(workdir), cfg, stage.name, part, options, force=force)
             return
-        with WorkdirLock(Path(workdir)):
+        from ccam import distributed
+
+        # under torchrun rank 0 holds the work-directory lock for the whole group
+        with WorkdirLock(Path(workdir)) if distributed.is_main() else contextlib.nullcontext():
             cfg = config_mod.load_settings(workdir, config_file, sets, save_to_workdir=False)  # saved once the stage is done
             run_stage(Path(workdir), cfg, stage.name, options, force=force, save_config=True)
 

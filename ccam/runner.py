@@ -32,8 +32,34 @@ ccam.stages.load_all()  # registers every stage
 REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 
+def _run_distributed(workdir: Path, cfg: Config, name: str, options: Optional[dict], force: bool, save_config: bool) -> dict:
+    """A training stage under torchrun: rank 0 prepares the folder and writes the record, every rank trains."""
+    from ccam import distributed
+    from ccam.training import select_device
+
+    if name not in distributed.TRAINING_STAGES:
+        raise UserError(f"stage '{name}' does not run under torchrun (only {', '.join(distributed.TRAINING_STAGES)} do)",
+                        fix=f"run `ccam {name} --workdir {workdir}` as one process (per-case stages split with --part i/n)")
+    distributed.setup(select_device(cfg))
+    st = get_stage(name)
+    ctx = StageContext(workdir, cfg, st, {k: v for k, v in (options or {}).items() if v is not None})
+    key, _ = input_key(ctx)
+    rec = read_record(workdir, st)
+    distributed.barrier()  # every rank has decided on the same record before rank 0 touches the folder
+    if rec is not None and rec.get("key") == key and not force:
+        log.info("%s: up to date, skipped", name)
+        return rec
+    if distributed.is_main():
+        return run_stage(workdir, cfg, name, options, force, save_config, _rank0_of_many=True)
+    seed_everything(cfg.runtime.seed)
+    distributed.barrier()  # rank 0 has set the folder up (previous outputs aside, resume marker)
+    st.run(ctx)
+    distributed.barrier()  # rank 0 writes the record after this
+    return read_record(workdir, st) or {}
+
+
 def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = None, force: bool = False,
-              save_config: bool = False) -> dict:
+              save_config: bool = False, _rank0_of_many: bool = False) -> dict:
     """Run one stage unless its record is current; returns the record.
 
     Every stage starts from the same RNG state (``runtime.seed``), so its results do not depend on
@@ -42,6 +68,10 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
     stage that had no complete outputs keeps its partial state for resume. ``save_config``: write
     ``W/config.yaml`` once the stage is done (a command that fails saves nothing).
     """
+    from ccam import distributed
+
+    if distributed.world() > 1 and not _rank0_of_many:
+        return _run_distributed(workdir, cfg, name, options, force, save_config)
     st = get_stage(name)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     memo: dict = {}  # one status pass over the upstream graph
@@ -78,6 +108,8 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
     log.info("%s: %s", name, "resuming" if resume else "running")
     t0 = time.time()
     seed_everything(cfg.runtime.seed)
+    if _rank0_of_many:
+        distributed.barrier()  # the other ranks start training in the folder set up above
     try:
         outputs = st.run(ctx) or {}
     except Exception:
@@ -89,6 +121,8 @@ def run_stage(workdir: Path, cfg: Config, name: str, options: Optional[dict] = N
         raise
     # Ctrl-C (like kill -9) keeps the partial state for resume and the previous outputs aside;
     # the next run resumes with the same inputs, or brings the previous outputs back (`_recover`)
+    if _rank0_of_many:
+        distributed.barrier()
     shutil.rmtree(previous, ignore_errors=True)
     record = {
         "stage": name,

@@ -55,11 +55,18 @@ def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last
     (a resumed run draws what the uninterrupted one drew).
     """
     from torch.utils.data import DataLoader
+
+    from ccam import distributed
     from ccam.progress import tqdm
 
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen, num_workers=num_workers,
-                        pin_memory=pin_memory)
+    dist_sampler = distributed.sampler(dataset, seed=seed * 1000 + epoch, drop_last=drop_last)  # torchrun: this rank's share
+    if dist_sampler is not None:
+        loader = DataLoader(dataset, batch_size=distributed.local_batch(batch_size), sampler=dist_sampler, drop_last=drop_last,
+                            num_workers=num_workers, pin_memory=pin_memory)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen,
+                            num_workers=num_workers, pin_memory=pin_memory)
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
     for batch in bar:
@@ -72,6 +79,7 @@ def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last
         total += float(loss.detach()) * size
         n += size
         bar.set_postfix(loss=f"{total / n:.4f}")
+    total, n = distributed.mean_over_ranks(total, n)
     return total / max(1, n)
 
 
@@ -137,7 +145,10 @@ class EpochLoop:
 
     # -- loop -------------------------------------------------------------------------------
     def run(self, train_epoch: Callable[[int], dict], validate: Optional[Callable[[int], dict]] = None) -> list[dict]:
+        from ccam import distributed
+
         self.folder.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # rank 0 may still be writing the previous epoch's checkpoint
         self.resume()
         for epoch in range(self.start_epoch, self.epochs):
             seed_everything(self.seed * 1000 + epoch)
@@ -159,12 +170,20 @@ class EpochLoop:
             self._save(epoch, improved)
             msg = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if not isinstance(v, (list, dict)))
             log.info("%s: %s", self.title, msg)
-        save_torch(self.folder / "checkpoint_final.pt", {"model": self.model.state_dict(), "epoch": self.epochs - 1})
-        if not (self.folder / "checkpoint_best.pt").exists():
-            save_torch(self.folder / "checkpoint_best.pt", {"model": self.model.state_dict(), "epoch": self.epochs - 1})
+        from ccam import distributed
+
+        if distributed.is_main():
+            save_torch(self.folder / "checkpoint_final.pt", {"model": self.model.state_dict(), "epoch": self.epochs - 1})
+            if not (self.folder / "checkpoint_best.pt").exists():
+                save_torch(self.folder / "checkpoint_best.pt", {"model": self.model.state_dict(), "epoch": self.epochs - 1})
+        distributed.barrier()  # every rank returns once the final weights are on disk
         return self.history
 
     def _save(self, epoch: int, improved: bool) -> None:
+        from ccam import distributed
+
+        if not distributed.is_main():  # under torchrun rank 0 alone writes
+            return
         ck = {
             "epoch": epoch,
             "model": self.model.state_dict(),

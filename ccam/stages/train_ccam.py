@@ -23,6 +23,7 @@ from ccam.data.augment import random_affines, warp as warp_maps
 from ccam.data.cohort import Cohort, PreparedCase, SliceDataset
 from ccam.errors import UserError
 from ccam.models.ccam import build_ccam
+from ccam import distributed
 from ccam.stages import base
 from ccam.training import EpochLoop, load_checkpoint, loader_options, poly_lambda, seed_everything, select_device, shuffled_epoch
 
@@ -81,6 +82,8 @@ def run(ctx: base.StageContext) -> dict:
                      select="val_loss" if len(val_set) else None, mode="min", title="train-ccam")
     criterion = torch.nn.BCEWithLogitsLoss()
 
+    net = distributed.wrap(model, device)  # DDP under torchrun; checkpoints keep the plain model
+
     def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
         x, tags, coarse = (batch[k].to(device, non_blocking=True) for k in ("image", "tags", "coarse"))
         warp = None
@@ -88,7 +91,7 @@ def run(ctx: base.StageContext) -> dict:
             # one affine per slice for the image and (inside the model) for M_c; never a flip
             warp = random_affines(x.shape[0], cc.aug_scale, cc.aug_rotate_deg, flip=False, generator=gen).to(device)
             x = warp_maps(x, warp)
-        return criterion(model(x, coarse=coarse, warp=warp), tags), x.shape[0]
+        return criterion(net(x, coarse=coarse, warp=warp), tags), x.shape[0]
 
     def train_epoch(epoch: int) -> dict:
         loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,

@@ -24,6 +24,7 @@ from ccam.data.augment import SliceAugment, use_flip
 from ccam.data.cohort import Cohort, SliceDataset
 from ccam.errors import UserError
 from ccam.models.pcam import PCAM
+from ccam import distributed
 from ccam.stages import base
 from ccam.training import EpochLoop, loader_options, poly_lambda, seed_everything, select_device, shuffled_epoch
 
@@ -91,9 +92,11 @@ def run(ctx: base.StageContext) -> dict:
     if not len(val_set):
         log.warning("train-pcam: no validation cases; checkpoint_best is the final model")
 
+    net = distributed.wrap(model, device)  # DDP under torchrun; checkpoints keep the plain model
+
     def loss_of(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, int]:
         x = augment(batch["image"].to(device, non_blocking=True), generator=gen)
-        return F.binary_cross_entropy_with_logits(model(x), batch["tags"].to(device, non_blocking=True)), x.shape[0]
+        return F.binary_cross_entropy_with_logits(net(x), batch["tags"].to(device, non_blocking=True)), x.shape[0]
 
     def train_epoch(epoch: int) -> dict:
         loss = shuffled_epoch(train_set, epoch=epoch, seed=cfg.runtime.seed, batch_size=bs, drop_last=drop_last,

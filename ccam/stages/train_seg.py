@@ -40,6 +40,7 @@ from ccam.metrics import DiceAccumulator
 from ccam.models.segmenter import Segmenter, segmenter_spec
 from ccam.review.decisions import apply_decisions, decisions_hash, mask_sources_table
 from ccam.progress import tqdm
+from ccam import distributed
 from ccam.stages import base
 from ccam.training import EpochLoop, loader_options, seed_everything, select_device
 
@@ -215,20 +216,32 @@ def run(ctx: base.StageContext) -> dict:
     log.info("train-seg: %d training slices (%d per epoch), %d validation case(s), %s on %s",
              len(dataset), n_per_epoch, len(val_cases), sc.network, device)
 
+    net = distributed.wrap(model, device)  # DDP under torchrun; checkpoints keep the plain model
+
     def train_epoch(epoch: int) -> dict:
         dataset.epoch_seed = cfg.runtime.seed * 1000 + epoch
-        sampler = RandomSampler(dataset, num_samples=n_per_epoch)  # draws from the RNG EpochLoop seeded
-        loader = DataLoader(dataset, batch_size=sc.batch_size, sampler=sampler, **loader_options(cfg, device),
+        bs = distributed.local_batch(sc.batch_size)
+        sampler = distributed.sampler(dataset, seed=dataset.epoch_seed, drop_last=True)  # torchrun: this rank's share
+        steps = None
+        if sampler is None:
+            sampler = RandomSampler(dataset, num_samples=n_per_epoch)  # draws from the RNG EpochLoop seeded
+        else:
+            steps = max(1, n_per_epoch // (bs * distributed.world()))  # the same slices per epoch as one process
+        loader = DataLoader(dataset, batch_size=bs, sampler=sampler, **loader_options(cfg, device),
                             drop_last=n_per_epoch > sc.batch_size)  # every step sees a full batch
         total, n = 0.0, 0
-        for batch in tqdm(loader, desc=f"train-seg epoch {epoch + 1}/{sc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
+        for step, batch in enumerate(tqdm(loader, desc=f"train-seg epoch {epoch + 1}/{sc.epochs}", unit="batch", leave=False,
+                                          dynamic_ncols=True)):
+            if steps is not None and step >= steps:
+                break
             x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.detach().item() * x.shape[0]
             n += x.shape[0]
+        total, n = distributed.mean_over_ranks(total, n)
         return {"loss": total / max(n, 1)}
 
     def validate(epoch: int) -> dict:
