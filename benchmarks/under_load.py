@@ -96,12 +96,17 @@ def setup(workdir: Path, cases: int) -> None:
           "--config", str(REPO / "configs" / "demo.yaml")], env)
 
 
+LABELS = {"before": "libgomp default", "after": "ccam (spin 1000, then sleep)", "passive": "passive (OMP_WAIT_POLICY)"}
+
+
 def timed_stage(workdir: Path, stage: str, sets: list[str], mode: str, competitors: int) -> dict:
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    env.pop("OMP_NUM_THREADS", None)
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):  # this process imported ccam, which set one
+        env.pop(k, None)
     if mode == "before":
         env["CCAM_OMP_WAIT"] = "default"
+    elif mode == "passive":
+        env["CCAM_OMP_WAIT"] = "passive"
     else:
         env.pop("CCAM_OMP_WAIT", None)
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
@@ -163,7 +168,7 @@ def main() -> None:
             per[comp] = med
             row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "benchmark": "under_load", "stage": a.stage,
                    "cases": a.cases, "sets": sets, "mode": mode,
-                   "openmp_wait": "libgomp default" if mode == "before" else "ccam (passive)", "competitors": comp,
+                   "openmp_wait": LABELS[mode], "competitors": comp,
                    "repeats": a.repeats, **{k: round(v, 3) for k, v in med.items()},
                    "runs_wall_s": [r["wall_s"] for r in runs], "machine": machine,
                    "waited_for_idle_s": round(waited, 1), "load1_at_start": load_start,

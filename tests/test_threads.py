@@ -42,6 +42,9 @@ def test_workers_never_outnumber_the_spare_cores(monkeypatch):
 
 def test_openmp_waits_passively_unless_the_user_chose():
     env: dict = {}
+    assert threads.prepare_openmp(env) == "spin 1000 then sleep" and env["GOMP_SPINCOUNT"] == "1000"
+    assert "OMP_WAIT_POLICY" not in env
+    env = {"CCAM_OMP_WAIT": "passive"}
     assert threads.prepare_openmp(env) == "passive" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.prepare_openmp(env).startswith("active") and env["OMP_WAIT_POLICY"] == "ACTIVE"
