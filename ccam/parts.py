@@ -43,7 +43,7 @@ log = logging.getLogger("ccam")
 
 # stage -> module with part_cases / run_part
 PER_CASE = {"sample": "ccam.stages.sample", "pseudo-masks": "ccam.stages.pseudo_masks", "refine": "ccam.stages.refine",
-            "predict": "ccam.stages.predict"}
+            "predict": "ccam.stages.predict", "evaluate": "ccam.stages.evaluate"}
 MARKERS = "_parts"
 MERGE_WAIT_S = 120.0  # how long the last part waits for the others to let go of the shared lock
 

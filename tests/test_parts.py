@@ -100,3 +100,20 @@ def test_parts_share_the_work_directory_and_an_exclusive_holder_excludes_them(th
     with WorkdirLock(w):
         with pytest.raises(UserError, match="in use"):
             SharedWorkdirLock(w).__enter__()
+
+
+def test_evaluate_in_two_parts_equals_one_process(two_copies, cli):
+    """The parts measure the cases (metrics and tau sweep, cached per case); the last part adds the
+    localisation diagnostics and writes the same report as one process."""
+    import json
+
+    one, parts = two_copies
+    sets = ("--set", "evaluate.surface_distances=false")
+    assert cli("evaluate", "--workdir", one, *sets)[0] == 0
+    for i in (1, 0):
+        rc, _, err = cli("evaluate", "--workdir", parts, "--part", f"{i}/2", *sets)
+        assert rc == 0, err
+    a, b = (json.loads((w / "reports" / "evaluation.json").read_text()) for w in (one, parts))
+    assert a["stages"] == b["stages"] and a["tau_sweep"] == b["tau_sweep"]
+    assert a.get("localisation", {}).get("sources") == b.get("localisation", {}).get("sources")
+    assert read_record(parts, "evaluate")["outputs"]["mean_dice"] == read_record(one, "evaluate")["outputs"]["mean_dice"]

@@ -29,6 +29,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import click
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 from ccam import artifacts
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
-from ccam.io.atomic import write_json, write_text
+from ccam.io.atomic import read_json, write_json, write_text
 from ccam.io.volume import read_volume
 from ccam.localisation import Localisation, markdown_table as localisation_table
 from ccam.metrics import dice_from_confusion, dice_per_class, read_ground_truth, surface_distances, tau_confusions
@@ -183,15 +184,69 @@ def markdown(report: dict) -> str:
 
 # -- stage ----------------------------------------------------------------------------------------
 
+# -- per case: measured once, cached in evaluation/cases/<id>.json (so `--part i/n` can share the work) --
+
+def _sources_of(ctx) -> tuple[list, list]:
+    sources = [(n, st) for n, st in MASK_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
+    cam_sources = [(n, st) for n, st in CAM_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
+    return sources, cam_sources
+
+
+def _cache_path(ctx, case_id: str) -> Path:
+    return ctx.dir / "cases" / f"{case_id}.json"
+
+
+def _cached(ctx, case: PreparedCase) -> Optional[dict]:
+    return read_json(_cache_path(ctx, case.id))
+
+
+def _measure_and_cache(ctx, cohort: Cohort, case: PreparedCase, gt_vol, sources, cam_sources, taus) -> dict:
+    """Metrics of every finished stage's mask and the tau sweep of every CAM source for one case."""
+    cfg = ctx.cfg.evaluate
+    K, classes = cohort.num_classes, cohort.classes
+    gt = gt_vol.array
+    out: dict = {"stages": {}, "sweeps": {}}
+    for name, st in sources:
+        path = artifacts.mask_path(ctx.workdir, st, case.id)
+        if not path.exists():
+            continue
+        pred = read_volume(path, case=case.id)
+        if tuple(pred.array.shape) != tuple(gt.shape) or not np.allclose(pred.affine, gt_vol.affine, atol=1e-3):
+            raise UserError(f"{name} mask is not on the case's source grid (shape {pred.array.shape} vs {gt.shape})",
+                            case=case.id, path=str(path), fix="re-run the stage that wrote it")
+        r = case_metrics(np.asarray(pred.array).astype(np.int64), gt, K, gt_vol.spacing, cfg.surface_distances)
+        out["stages"][name] = {"split": case.split, **{m: dict(zip(classes, r[m].tolist())) for m in METRICS}}
+    if case.split == "train":  # tau is a training-set choice
+        for name, st in cam_sources:
+            if artifacts.cam_stack_path(ctx.workdir, st, case.id).exists():
+                out["sweeps"][name] = tau_sweep_case(artifacts.cam_stack(ctx.workdir, st, case, K), gt, case, taus).tolist()
+    write_json(_cache_path(ctx, case.id), out)
+    return out
+
+
+def part_cases(ctx: base.StageContext) -> list[PreparedCase]:
+    """The cases `--part i/n` splits: those with ground truth, in cohort order."""
+    return [c for c in Cohort(ctx.workdir).cases if c.mask_path]
+
+
+def run_part(ctx: base.StageContext, cases: list[PreparedCase]) -> None:
+    """Measure (and cache) these cases; the merge adds the localisation diagnostics and writes the report."""
+    sources, cam_sources = _sources_of(ctx)
+    cohort = Cohort(ctx.workdir)
+    taus = [float(t) for t in ctx.cfg.evaluate.tau_sweep]
+    for case in tqdm(cases, desc="evaluate", unit="case", dynamic_ncols=True):
+        if _cached(ctx, case) is None:
+            _measure_and_cache(ctx, cohort, case, read_ground_truth(case), sources, cam_sources, taus)
+
+
 def evaluate(ctx: base.StageContext) -> dict:
     cfg = ctx.cfg.evaluate
     cohort = Cohort(ctx.workdir)
-    K, classes = cohort.num_classes, cohort.classes
+    classes = cohort.classes
     with_gt = [c for c in cohort.cases if c.mask_path]
     if not with_gt:
         log.warning("evaluate: no case of the manifest has a ground-truth mask; nothing to evaluate")
-    sources = [(n, st) for n, st in MASK_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
-    cam_sources = [(n, st) for n, st in CAM_SOURCES if artifacts.finished(ctx.workdir, st) is not None]
+    sources, cam_sources = _sources_of(ctx)
     per_stage: dict = {n: {} for n, _ in sources}
     sweeps: dict = {n: {"cases": [], "dice": []} for n, _ in cam_sources}
     taus = [float(t) for t in cfg.tau_sweep]
@@ -199,27 +254,19 @@ def evaluate(ctx: base.StageContext) -> dict:
     loc = Localisation(ctx.workdir, ctx.cfg, cohort, sources=cam_sources, splits=("train",),
                        occlusion_source="coarse", batch_size=ctx.cfg.cam.batch_size) if cfg.localisation and cam_sources else None
     for case in tqdm(with_gt, desc="evaluate", unit="case", dynamic_ncols=True):
-        files = [(n, artifacts.mask_path(ctx.workdir, st, case.id)) for n, st in sources]
-        files = [(n, p) for n, p in files if p.exists()]
-        cams = [(n, st) for n, st in cam_sources  # tau is a training-set choice
-                if case.split == "train" and artifacts.cam_stack_path(ctx.workdir, st, case.id).exists()]
-        if not files and not cams and not (loc is not None and loc.wants(case)):
-            continue
-        gt_vol = read_ground_truth(case)
-        gt = gt_vol.array
-        if loc is not None:
-            loc.add_case(case, gt)
-        for name, path in files:
-            pred = read_volume(path, case=case.id)
-            if tuple(pred.array.shape) != tuple(gt.shape) or not np.allclose(pred.affine, gt_vol.affine, atol=1e-3):
-                raise UserError(f"{name} mask is not on the case's source grid (shape {pred.array.shape} vs {gt.shape})",
-                                case=case.id, path=str(path), fix="re-run the stage that wrote it")
-            r = case_metrics(np.asarray(pred.array).astype(np.int64), gt, K, gt_vol.spacing, cfg.surface_distances)
-            per_stage[name][case.id] = {"split": case.split, **{m: dict(zip(classes, r[m].tolist())) for m in METRICS}}
-        for name, st in cams:
-            stack = artifacts.cam_stack(ctx.workdir, st, case, K)
+        wants_loc = loc is not None and loc.wants(case)
+        got = _cached(ctx, case)
+        if got is None or wants_loc:
+            gt_vol = read_ground_truth(case)
+            if wants_loc:
+                loc.add_case(case, gt_vol.array)
+            if got is None:
+                got = _measure_and_cache(ctx, cohort, case, gt_vol, sources, cam_sources, taus)
+        for name, entry in got["stages"].items():
+            per_stage[name][case.id] = entry
+        for name, dice in got["sweeps"].items():
             sweeps[name]["cases"].append(case.id)
-            sweeps[name]["dice"].append(tau_sweep_case(stack, gt, case, taus))
+            sweeps[name]["dice"].append(np.asarray(dice, dtype=np.float64))
 
     stages = {}
     for name, st in sources:
