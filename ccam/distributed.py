@@ -17,7 +17,7 @@ import os
 
 import torch
 
-TRAINING_STAGES = ("train-pcam", "train-ccam", "train-seg")  # refine's AffinityNet trains through .affinities(), not forward(): one process
+TRAINING_STAGES = ("train-pcam", "train-ccam", "train-seg", "refine")  # refine: the AffinityNet; rank 0 makes seeds and walks
 
 
 def world() -> int:

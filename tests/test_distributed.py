@@ -64,3 +64,28 @@ def test_per_case_stage_refuses_torchrun(prepared, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     rc = ccam_main(["sample", "--workdir", str(w)])
     assert rc == 2 and "does not run under torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_refine_affinitynet_under_torchrun(through_pseudo_masks, tmp_path):
+    """refine under torchrun: rank 0 makes the seeds, both ranks train AffinityNet with DDP, rank 0
+    walks every case and writes the record; the weights load into a single-process AffinityNet."""
+    pytest.importorskip("pydensecrf")
+    w = tmp_path / "w"
+    shutil.copytree(through_pseudo_masks, w)
+    sets = ["--set", "refine.enabled=true", "--set", "refine.epochs=2", "--set", "refine.batch_size=8", "--set", "refine.t=4",
+            "--set", "runtime.num_threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "ccam.cli", "refine", "--workdir", str(w), *sets], capture_output=True, text=True, env=env, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((w / "refined_masks" / "_stage.json").read_text())
+    assert rec["outputs"]["enabled"] is True and rec["outputs"]["cases"] == len(Cohort(w).cases)
+    assert all((w / "refined_masks" / f"{c.id}.nii.gz").exists() for c in Cohort(w).cases)
+    from ccam.models.affinity import AffinityNet
+    from ccam.training import load_model_weights
+
+    cfg = config_mod.resolve(w, None, sets[1::2])
+    load_model_weights(AffinityNet(cfg.refine.backbone, cfg.refine.width), w / "refined_masks" / "affinity" / "checkpoint_final.pt")
+    assert ccam_main(["refine", "--workdir", str(w), *sets]) == 0
+    assert json.loads((w / "refined_masks" / "_stage.json").read_text())["finished"] == rec["finished"]

@@ -36,6 +36,7 @@ from ccam.io.volume import write_label_map
 from ccam.anatomy import anatomy_chain
 from ccam.models.affinity import AffinityNet
 from ccam.progress import tqdm
+from ccam import distributed
 from ccam.stages import base
 from ccam.training import EpochLoop, loader_options, poly_lambda, seed_everything, select_device
 
@@ -90,6 +91,17 @@ class SeedSliceDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 # AffinityNet training
 # --------------------------------------------------------------------------------------------
+class _AffinityForward(torch.nn.Module):
+    """AffinityNet's affinities as ``forward``, so DistributedDataParallel can wrap the training step."""
+
+    def __init__(self, net: AffinityNet, radius: int):
+        super().__init__()
+        self.net, self.radius = net, radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.affinities(x, self.radius)
+
+
 def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: torch.device,
                    num_workers: int = 0, pin_memory: bool = False) -> tuple[AffinityNet, list[dict]]:
     """Train AffinityNet on ``dataset`` items {image (1, S, S), seeds (S, S)}; checkpointed in ``folder``.
@@ -105,15 +117,24 @@ def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: tor
                         fix="add training cases with tagged slices, or set refine.enabled=false")
     # drop_last: a lone last slice would break batch norm
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=pin_memory)
+    net = distributed.wrap(_AffinityForward(model, rc.radius), device)  # DDP under torchrun; checkpoints keep the plain model
+
+    def epoch_loader(epoch: int) -> DataLoader:
+        sampler = distributed.sampler(dataset, seed=seed * 1000 + epoch, drop_last=True)  # torchrun: this rank's share
+        if sampler is None:
+            return loader
+        return DataLoader(dataset, batch_size=max(2, distributed.local_batch(batch)), sampler=sampler, drop_last=True,
+                          num_workers=num_workers, pin_memory=pin_memory)
     opt = torch.optim.SGD(model.param_groups(rc.lr, rc.head_lr_mult), lr=rc.lr, momentum=rc.momentum,
                           weight_decay=rc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(rc.epochs * len(loader), rc.poly_power))
 
     def train_epoch(epoch: int) -> dict:
         sums = {"loss": 0.0, "bg_loss": 0.0, "fg_loss": 0.0, "neg_loss": 0.0}
-        for item in tqdm(loader, desc=f"affinity epoch {epoch + 1}/{rc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
+        batches = epoch_loader(epoch)
+        for item in tqdm(batches, desc=f"affinity epoch {epoch + 1}/{rc.epochs}", unit="batch", leave=False, dynamic_ncols=True):
             x = item["image"].to(device, non_blocking=True)
-            aff = model.affinities(x, rc.radius)
+            aff = net(x)
             grid = seeds_to_grid(item["seeds"].to(device), tuple(aff.shape[-2:]))
             loss, parts = affinity_loss(aff, *affinity_labels(grid, offsets))
             opt.zero_grad(set_to_none=True)
@@ -123,7 +144,7 @@ def train_affinity(folder: Path, dataset: Dataset, rc, *, seed: int, device: tor
             sums["loss"] += loss.detach().item()
             for k, v in parts.items():
                 sums[k] += v
-        return {k: v / max(1, len(loader)) for k, v in sums.items()} | {"lr": opt.param_groups[0]["lr"]}
+        return {k: v / max(1, len(batches)) for k, v in sums.items()} | {"lr": opt.param_groups[0]["lr"]}
 
     loop = EpochLoop(folder, model, opt, sched, epochs=rc.epochs, seed=seed, title="affinity")
     history = loop.run(train_epoch)
@@ -173,15 +194,26 @@ def _seeds_and_affinity(ctx: base.StageContext, cohort: Cohort, device: torch.de
     train = cohort.split("train")
     seeds_dir = ctx.dir / "seeds"
     ctx.dir.mkdir(parents=True, exist_ok=True)
-    with open(ctx.dir / ".affinity.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
-        counts = np.zeros(3)  # background, foreground, ignore pixels of tagged slices
+
+    def make_seeds() -> None:  # 1. seeds for the training cases (cached per case: a resumed run skips the done ones)
         for case in tqdm(train, desc="refine seeds", unit="case", dynamic_ncols=True):
             path = seeds_dir / f"{case.id}.npy"
             if not path.exists():
                 save_npy(path, case_seeds(case.slices(), artifacts.cam_stack(ctx.workdir, "pseudo-masks", case, k), rc))
-            seeds = np.load(path)[case.tags().any(1)]
+
+    # torchrun: rank 0 makes the seeds, then every rank trains AffinityNet data-parallel (no file lock:
+    # the ranks meet at barriers); parts (--part i/n): the first part makes them and trains, under the lock
+    with open(ctx.dir / ".affinity.lock", "a+") as lock:
+        if distributed.active():
+            if distributed.is_main():
+                make_seeds()
+            distributed.barrier()
+        else:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            make_seeds()
+        counts = np.zeros(3)  # background, foreground, ignore pixels of tagged slices
+        for case in train:
+            seeds = np.load(seeds_dir / f"{case.id}.npy")[case.tags().any(1)]
             counts += [(seeds == 0).sum(), ((seeds > 0) & (seeds != IGNORE)).sum(), (seeds == IGNORE).sum()]
         # 2. AffinityNet on the seeds' pairs
         dataset = SeedSliceDataset(train, seeds_dir)
@@ -235,6 +267,8 @@ def run(ctx: base.StageContext) -> dict:
     cohort = Cohort(ctx.workdir)
     device = select_device(cfg)
     model, history, dataset, counts = _seeds_and_affinity(ctx, cohort, device)
+    if distributed.active() and not distributed.is_main():
+        return {}  # torchrun: rank 0 walks and writes the record
 
     # 3. random walk for every case
     _walk(ctx, cohort, model, cohort.cases, device)
