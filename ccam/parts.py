@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from ccam.errors import UserError
+from ccam.runner import WorkdirLock, run_stage
 from ccam.io.atomic import read_json, write_json
 from ccam.io.inputs import parse_part
 from ccam.stages.base import RECORD, STARTED, StageContext, get_stage, input_key, read_record, stage_status
@@ -48,35 +49,11 @@ MARKERS = "_parts"
 MERGE_WAIT_S = 120.0  # how long the last part waits for the others to let go of the shared lock
 
 
-class SharedWorkdirLock:
+class SharedWorkdirLock(WorkdirLock):
     """A shared flock on ``W/.ccam.lock``: parts run together; an exclusive holder (`ccam.runner.WorkdirLock`) excludes them."""
 
     def __init__(self, workdir: Path):
-        self.workdir = Path(workdir)
-        self.fh = None
-
-    def __enter__(self) -> "SharedWorkdirLock":
-        if not self.workdir.is_dir():
-            raise UserError("work directory does not exist", path=str(self.workdir), fix="run the earlier stages first")
-        try:
-            self.fh = open(self.workdir / ".ccam.lock", "a+")
-        except OSError as e:
-            raise UserError(f"cannot write to the work directory ({e.strerror})", path=str(self.workdir), fix="choose a writable --workdir")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            other = self.fh.read().strip()
-            self.fh.close()
-            who = f"another ccam process (pid {other})" if other.isdigit() else "another ccam process"
-            raise UserError(f"work directory is in use by {who}", path=str(self.workdir),
-                            fix="wait for it to finish; parts (--part i/n) of one stage can run together")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fh is not None:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
+        super().__init__(workdir, shared=True)
 
 
 def _module(name: str):
@@ -156,7 +133,6 @@ def run_part(workdir: Path, cfg, name: str, part: str, options: Optional[dict] =
 
 def merge(workdir: Path, cfg, name: str, options: Optional[dict] = None, wait_s: float = 0.0) -> dict:
     """Finish a stage done in parts: under the exclusive lock, `run_stage` finds every case done and writes the record."""
-    from ccam.runner import WorkdirLock, run_stage
 
     _module(name)
     workdir = Path(workdir)

@@ -211,14 +211,20 @@ def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = No
 
 
 class WorkdirLock:
-    """Exclusive lock on a work directory so two ccam processes never write it at once."""
+    """Exclusive lock on a work directory so two ccam processes never write it at once.
 
-    def __init__(self, workdir: Path):
+    ``shared=True`` (parts of one per-case stage, `ccam.parts`): a shared flock on the same file,
+    so parts run together while an exclusive holder excludes them; the directory must exist."""
+
+    def __init__(self, workdir: Path, shared: bool = False):
         self.workdir = Path(workdir)
+        self.shared = shared
         self.fh = None
         self.created = False
 
     def __enter__(self) -> "WorkdirLock":
+        if self.shared and not self.workdir.is_dir():
+            raise UserError("work directory does not exist", path=str(self.workdir), fix="run the earlier stages first")
         try:
             self.created = not self.workdir.exists()
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +235,7 @@ class WorkdirLock:
         except OSError as e:
             raise UserError(f"cannot write to the work directory ({e.strerror})", path=str(self.workdir), fix="choose a writable --workdir")
         try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fh.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             other = ""
             for _ in range(20):  # the holder writes its pid right after taking the lock
@@ -240,7 +246,11 @@ class WorkdirLock:
                 time.sleep(0.05)
             self.fh.close()
             who = f"another ccam process (pid {other})" if other.isdigit() else "another ccam process"
-            raise UserError(f"work directory is in use by {who}", path=str(self.workdir), fix="wait for it to finish or use another --workdir")
+            raise UserError(f"work directory is in use by {who}", path=str(self.workdir),
+                            fix="wait for it to finish; parts (--part i/n) of one stage can run together" if self.shared
+                            else "wait for it to finish or use another --workdir")
+        if self.shared:
+            return self
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(str(os.getpid()))
