@@ -242,12 +242,3 @@ def pipeline_masks(workdir: Path) -> Optional[str]:
         if finished(workdir, name) is not None:
             return name
     return None
-
-
-def pipeline_mask_stack(workdir: Path, case_id: str) -> Optional[tuple[str, Path]]:
-    """(stage, label stack path) of one case's pipeline mask (`pipeline_masks`); None when that stage has none for it."""
-    name = pipeline_masks(workdir)
-    if name is None:
-        return None
-    p = label_stack_path(workdir, name, case_id)
-    return (name, p) if p.exists() else None

@@ -87,8 +87,8 @@ def resolve_masks(ctx: base.StageContext, cohort: Cohort, cases: list[PreparedCa
             if not stack_path.exists():  # converted once; a resumed run reuses it (same key = same files)
                 save_npy(stack_path, mask_from_dir(f, case, cohort.num_classes))
             out[case.id] = ("masks_dir", stack_path)
-        elif (src := artifacts.pipeline_mask_stack(ctx.workdir, case.id)) is not None:
-            out[case.id] = (artifacts.stage_dir(ctx.workdir, src[0]).name, src[1])
+        elif pipe is not None and (p := artifacts.label_stack_path(ctx.workdir, pipe, case.id)).exists():
+            out[case.id] = (artifacts.stage_dir(ctx.workdir, pipe).name, p)
     for cid, (_, p) in out.items():
         shape = np.load(p, mmap_mode="r").shape
         want = (cohort.case(cid).n_slices, cohort.slice_size, cohort.slice_size)
