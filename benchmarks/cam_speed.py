@@ -8,7 +8,8 @@ Same model, same inputs, scale 1.0, CAMs of all K classes for a batch of slices:
 - pytorch-grad-cam's `GradCAM` (one forward + backward per class), run in its own venv
   ``benchmarks/.venv-gradcam`` (torch 2.14.1 + torchvision 0.29.1, which grad-cam pulls in;
   the project's torch is not touched). Create it once with
-  ``python3 -m venv benchmarks/.venv-gradcam && benchmarks/.venv-gradcam/bin/pip install torch==2.14.1 torchvision==0.29.1 grad-cam monai``.
+  ``python3 -m venv benchmarks/.venv-gradcam && benchmarks/.venv-gradcam/bin/pip install torch==2.14.1 torchvision==0.29.1 grad-cam monai nibabel``
+  (nibabel: the worker imports ccam's P-CAM from this checkout).
   Without it that row is skipped.
 
 Goals: ours >= 10x grad-cam's GradCAM and >= 4x MONAI's CAM (slices per second).
@@ -62,12 +63,10 @@ def gradcam_worker(folder: str) -> None:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from ccam.models.pcam import PCAM
-
     spec = json.loads((Path(folder) / "spec.json").read_text())
     torch.set_num_threads(spec["threads"])
-    model = PCAM(spec["k"], spec["backbone"], spec["output_stride"], width=spec["width"]).eval()
-    model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+    # the whole module, pickled by the parent: the same P-CAM class of this checkout, whatever its config
+    model = torch.load(Path(folder) / "model.pt", weights_only=False).eval()
     x = torch.load(Path(folder) / "x.pt", weights_only=True)
     cam = GradCAM(model=model, target_layers=[model.backbone])
 
@@ -108,7 +107,7 @@ def main() -> None:
     torch.manual_seed(0)
     if a.workdir:
         from ccam.data.cohort import Cohort
-        from ccam.stages.sample import load_pcam
+        from ccam.artifacts import load_pcam
 
         w = Path(a.workdir)
         cfg = resolve(w)
@@ -165,11 +164,10 @@ def main() -> None:
     gc_note = ""
     if GRADCAM_PY.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(model.state_dict(), Path(tmp) / "model.pt")
+            torch.save(model, Path(tmp) / "model.pt")
             torch.save(x, Path(tmp) / "x.pt")
             (Path(tmp) / "spec.json").write_text(json.dumps({
-                "k": k, "backbone": cfg.pcam.backbone, "output_stride": cfg.pcam.stride, "width": cfg.pcam.width,
-                "threads": threads, "repeats": a.repeats}))
+                "k": k, "threads": threads, "repeats": a.repeats}))
             env = dict(os.environ, PYTHONPATH=str(REPO))
             p = subprocess.run([str(GRADCAM_PY), __file__, "--gradcam-worker", tmp], capture_output=True, text=True, env=env)
             if p.returncode == 0:

@@ -11,14 +11,16 @@ import contextlib
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from ccam import __version__, options
 from ccam import config as config_mod
-from ccam.errors import UserError
+from ccam.errors import Stopped, UserError
 
 log = logging.getLogger("ccam")
 _DEBUG = {"on": False}
@@ -189,8 +191,37 @@ def _close_progress_bars() -> None:
         pass
 
 
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped()
+
+
+def _stopped_line() -> str:
+    """What a SIGTERM'd command says: under torchrun, why every rank stops and how to go on."""
+    from ccam import distributed
+
+    if distributed.world() > 1:
+        return (f"rank {distributed.rank()} of {distributed.world()} stopped: torchrun ends every rank when one fails or "
+                "is interrupted (the failing rank's error and torchrun's report are around this line) -> fix that, then "
+                "re-run the same torchrun command: every rank resumes after the last finished epoch (checkpoint_last.pt)")
+    return "stopped by SIGTERM -> re-run the same command to resume where it stopped"
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank of this torchrun run died (gloo/NCCL connection errors)."""
+    from ccam import distributed
+
+    if distributed.world() <= 1 or not isinstance(e, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(w in text for w in ("gloo", "nccl", "connection", "peer"))
+
+
 def main(argv=None) -> int:
     _register_commands()
+    # SIGTERM (torchrun stopping its ranks, a scheduler's cancel) unwinds like Ctrl-C: partial state kept
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if threading.current_thread() is threading.main_thread() else None
     try:
         cli.main(args=argv, prog_name="ccam", standalone_mode=False)
     except UserError as e:
@@ -210,6 +241,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("ccam: interrupted; re-run the same command to resume", err=True)
         return 130
+    except Stopped:
+        _close_progress_bars()
+        click.echo(f"ccam: error: {_stopped_line()}", err=True)
+        return 128 + signal.SIGTERM
+    except RuntimeError as e:
+        if _DEBUG["on"] or not _lost_peer(e):
+            raise
+        from ccam import distributed
+
+        _close_progress_bars()
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        click.echo(f"ccam: error: rank {distributed.rank()} of {distributed.world()} lost contact with another rank "
+                   f"({first[:200]}) -> see the failing rank's error and torchrun's report, then re-run the same torchrun "
+                   "command: every rank resumes after the last finished epoch (checkpoint_last.pt)", err=True)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

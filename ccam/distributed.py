@@ -84,3 +84,13 @@ def mean_over_ranks(total: float, count: int) -> tuple[float, int]:
     t = torch.tensor([float(total), float(count)], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return float(t[0]), int(t[1])
+
+
+def gather_int(value: int) -> list[int]:
+    """``value`` of every rank, in rank order (``[value]`` outside torchrun)."""
+    if not active():
+        return [value]
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    out = [torch.zeros_like(t) for _ in range(world())]
+    torch.distributed.all_gather(out, t)
+    return [int(x) for x in out]

@@ -32,3 +32,11 @@ class ManifestError(UserError):
         self.problems = problems
         head = f"{manifest}: {len(problems)} problem(s) in manifest: " + "; ".join(problems)
         super().__init__(head, fix="fix the manifest and run again")
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (a job scheduler's cancel, or torchrun ending every rank because one failed).
+
+    A BaseException, like Ctrl-C's KeyboardInterrupt: it unwinds past the stage's error handling, so
+    the partial state (``checkpoint_last.pt``, finished cases) stays for the next run to resume.
+    """

@@ -150,6 +150,14 @@ class EpochLoop:
         self.folder.mkdir(parents=True, exist_ok=True)
         distributed.barrier()  # rank 0 may still be writing the previous epoch's checkpoint
         self.resume()
+        starts = distributed.gather_int(self.start_epoch)  # under torchrun: every rank read the same checkpoint
+        if len(set(starts)) > 1:
+            from ccam.errors import UserError
+
+            raise UserError(f"the ranks would resume from different epochs ({starts}, in rank order)", path=str(self.folder),
+                            fix="give every rank the same work directory (a shared file system), then re-run")
+        if self.start_epoch and len(starts) > 1:
+            log.info("%s: all %d ranks resume after epoch %d", self.title, len(starts), self.start_epoch)
         for epoch in range(self.start_epoch, self.epochs):
             seed_everything(self.seed * 1000 + epoch)
             t0 = time.time()

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,94 @@ def test_refine_affinitynet_under_torchrun(through_pseudo_masks, tmp_path):
     load_model_weights(AffinityNet(cfg.refine.backbone, cfg.refine.width), w / "refined_masks" / "affinity" / "checkpoint_final.pt")
     assert ccam_main(["refine", "--workdir", str(w), *sets]) == 0
     assert json.loads((w / "refined_masks" / "_stage.json").read_text())["finished"] == rec["finished"]
+
+
+def _torchrun(w: Path, sets: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "ccam.cli", "train-pcam", "--workdir", str(w), *sets]
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of ``rank`` (a child of ``launcher`` with RANK in its environment)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_killed_rank_ends_the_run_clearly_and_every_rank_resumes(prepared, tmp_path):
+    """SIGKILL one rank mid-training: the run ends (torchrun stops the other rank) with ccam's one-line
+    message, no record is written, and the same command then resumes on every rank from the same
+    checkpoint_last.pt, ending bit-identical to an uninterrupted two-process run."""
+    w0 = prepared(32)
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    shutil.copytree(w0, whole)
+    shutil.copytree(w0, crashed)
+    epochs = 12
+    sets = [x for s in (f"pcam.epochs={epochs}", *SETS[1:]) for x in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    r = subprocess.run(_torchrun(whole, sets), capture_output=True, text=True, env=env, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    p = subprocess.Popen(_torchrun(crashed, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        log = crashed / "pcam" / "log.jsonl"
+        deadline = time.time() + 300
+        while not (log.exists() and log.read_text().strip()) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # rank 0 has written the checkpoint of epoch 0
+        victim = _worker_pid(p.pid, 1)
+        assert victim is not None and p.poll() is None, "the run ended before rank 1 could be killed"
+        os.kill(victim, signal.SIGKILL)
+        _, err = p.communicate(timeout=120)  # the run ends: torchrun stops rank 0, nothing hangs
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("ccam: error: rank 0 of 2")]
+    assert len(ours) == 1 and "re-run the same torchrun command" in ours[0], err[-3000:]
+    assert "Traceback" not in err.split("ccam: error: rank 0 of 2")[0], err[-3000:]  # rank 0 printed no traceback of its own
+    assert not (crashed / "pcam" / "_stage.json").exists() and (crashed / "pcam" / "checkpoint_last.pt").exists()
+    done = len(_log(crashed))
+    assert 1 <= done < epochs
+
+    r = subprocess.run(_torchrun(crashed, sets), capture_output=True, text=True, env=env, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"all 2 ranks resume after epoch {done}" in r.stderr, r.stderr[-3000:]
+    assert [h["epoch"] for h in _log(crashed)] == list(range(epochs))
+    a = torch.load(whole / "pcam" / "checkpoint_final.pt", weights_only=False)["model"]
+    b = torch.load(crashed / "pcam" / "checkpoint_final.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_with_one_line_and_resumes(prepared):
+    """A scheduler's cancel (SIGTERM) of a one-process stage: one line, exit 143, partial state kept, resume finishes."""
+    w = prepared(32)
+    sets = [x for s in ("pcam.epochs=12", *SETS[1:]) for x in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-m", "ccam.cli", "train-pcam", "--workdir", str(w), *sets],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = w / "pcam" / "log.jsonl"
+    deadline = time.time() + 240
+    while not (log.exists() and log.read_text().strip()) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "the stage ended before it could be stopped"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("ccam: error: stopped by SIGTERM") and "Traceback" not in err
+    assert not (w / "pcam" / "_stage.json").exists() and (w / "pcam" / "checkpoint_last.pt").exists()
+    done = len(_log(w))
+    assert ccam_main(["train-pcam", "--workdir", str(w), *sets]) == 0
+    assert [h["epoch"] for h in _log(w)] == list(range(12)) and done >= 1
