@@ -37,13 +37,6 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def precision_inputs(cfg) -> dict:
-    """What ``runtime.precision`` adds to a stage key: nothing for fp32 (keys of existing runs stay
-    as they were), the precision otherwise (bf16 changes the CAMs and masks)."""
-    p = cfg.runtime.precision
-    return {} if p == "fp32" else {"precision": p}
-
-
 def _cam_at(model, images: torch.Tensor, size: tuple[int, int], **extra: torch.Tensor) -> torch.Tensor:
     feats = model.cam_features(images, **extra)
     cams = F.relu(F.conv2d(feats, model.classifier.weight))

@@ -12,7 +12,7 @@ import hashlib
 import re
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,9 +41,10 @@ class RuntimeConfig(Section):
     # torch's compute threads; 0 = the cores this process may use (CPU affinity, cgroup quota).
     # Fixed for the run, not adapted to the load: the thread count changes float rounding
     num_threads: int = 0
-    # DataLoader worker processes; 0 = load in the main process (slices are memory-mapped and
-    # augmented by batch, so workers would only compete with the compute threads for the cores)
-    num_workers: int = 0
+    # DataLoader worker processes. auto = matched to the threads: on CPU the cores the compute
+    # threads leave free (0 at the default thread count: workers there only slow training,
+    # benchmarks/workers.py), on CUDA min(4, cores - 1); 0 = load in the main process
+    num_workers: Union[int, Literal["auto"]] = "auto"
     # fp32, or bf16 autocast for the inference of CAM extraction (sample, pseudo-masks) and predict
     precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -243,6 +244,17 @@ class Config(Section):
                 payload[section] = {k: v for k, v in payload[section].items() if k != name}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def changed_keys(self, keys) -> dict:
+        """``{name: value}`` of those ``section.key`` in ``keys`` whose value is not the default (name: the
+        part after the dot): a setting that enters a stage key only when switched on."""
+        data, default = self.model_dump(mode="json"), type(self)().model_dump(mode="json")
+        out = {}
+        for key in keys:
+            section, name = key.split(".")
+            if data[section][name] != default[section][name]:
+                out[name] = data[section][name]
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -316,8 +328,9 @@ def _check_runtime(cfg: "Config", source: str) -> None:
         if idx >= torch.cuda.device_count():
             raise UserError(f"runtime.device={rt.device} but only {torch.cuda.device_count()} GPU(s) are visible", path=source,
                             fix="use cuda:0 .. cuda:N-1, or auto")
-    if rt.num_workers < 0:
-        raise UserError(f"runtime.num_workers: {rt.num_workers} is negative", path=source, fix="use 0 (load in the main process) or more")
+    if rt.num_workers != "auto" and rt.num_workers < 0:
+        raise UserError(f"runtime.num_workers: {rt.num_workers} is negative", path=source,
+                        fix="use auto (matched to the threads), 0 (load in the main process) or more")
     if rt.num_threads < 0:
         raise UserError(f"runtime.num_threads: {rt.num_threads} is negative", path=source, fix="use 0 (automatic) or more")
 

@@ -210,6 +210,30 @@ def run_pipeline(workdir: Path, cfg: Config, pipeline: Optional[str | Path] = No
     return ran
 
 
+_HELD_LOCKS: set[int] = set()  # file descriptors of the work-directory locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """After a fork (DataLoader workers, process pools): the child lets go of the parent's locks.
+
+    A flock belongs to the open file, which a forked child shares; a worker that outlives a parent
+    killed with SIGKILL would keep the work directory locked. The child's copy of each lock's file
+    descriptor is pointed at /dev/null instead (the number stays valid for the file object)."""
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD_LOCKS:
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class WorkdirLock:
     """Exclusive lock on a work directory so two ccam processes never write it at once.
 
@@ -249,6 +273,7 @@ class WorkdirLock:
             raise UserError(f"work directory is in use by {who}", path=str(self.workdir),
                             fix="wait for it to finish; parts (--part i/n) of one stage can run together" if self.shared
                             else "wait for it to finish or use another --workdir")
+        _HELD_LOCKS.add(self.fh.fileno())
         if self.shared:
             return self
         self.fh.seek(0)
@@ -259,6 +284,7 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         if self.fh is not None:
+            _HELD_LOCKS.discard(self.fh.fileno())
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
         if self.created and exc[0] is not None:

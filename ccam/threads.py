@@ -117,21 +117,37 @@ def resolve_threads(requested: int, host: Optional[int] = None) -> int:
     return n
 
 
-def resolve_workers(requested: int) -> int:
+CUDA_WORKERS = 4  # auto on CUDA: at most this many (the loaders only read memory-mapped slices)
+
+
+def resolve_workers(requested: "int | str", threads: Optional[int] = None, device: str = "cpu") -> int:
     """DataLoader worker processes for ``runtime.num_workers``.
 
-    0 keeps loading in the main process: the datasets read memory-mapped slices and augment whole
-    batches in the main process, so a worker only adds a process that competes with the compute
-    threads for the same cores. A number > 0 is used as given (e.g. slow network storage), capped
-    at the cores this process may use minus one, so workers and the compute threads do not
-    oversubscribe the machine.
+    ``auto`` (the default) matches them to the compute threads. On CPU: the cores those threads
+    leave free, so at the default thread count (every usable core) 0, loading in the main
+    process: the datasets only read memory-mapped slices and the augmentation runs by batch on
+    the compute threads, so a worker would compete with them for the same cores (train-pcam on 2
+    cores: 5.7 s without a worker, 7.6 s with one; ``benchmarks/workers.py``). With
+    ``runtime.num_threads: 1`` on 2 cores, auto gives the free core 1 worker. On CUDA the compute
+    runs on the GPU: ``min(4, cores - 1)`` workers keep the next batches coming. Under torchrun the
+    ranks of one machine share its cores.
+    0 keeps loading in the main process; a number > 0 is used as given (e.g. slow network
+    storage), capped at the cores this process may use minus one.
     """
-    if requested <= 0:
+    cores = available_cores()
+    if requested == "auto":
+        # torchrun: the ranks of this machine share its cores (LOCAL_WORLD_SIZE processes)
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        if str(device).startswith("cuda"):
+            return max(0, min(CUDA_WORKERS, cores // ranks - 1))
+        used = resolve_threads(0, _STATE.get("host")) if threads is None else threads
+        return max(0, (cores - used * ranks) // ranks)
+    if int(requested) <= 0:
         return 0
-    return max(1, min(requested, available_cores() - 1))
+    return max(1, min(int(requested), cores - 1))
 
 
-def apply(num_threads: int, num_workers: int = 0, device: str = "cpu") -> dict:
+def apply(num_threads: int, num_workers: "int | str" = "auto", device: str = "cpu") -> dict:
     """Set torch's intra-op threads (and one inter-op thread) for this process and log the choice.
 
     Returns what was chosen: ``threads``, ``interop_threads``, ``cores``, ``workers``, ``openmp_wait``.
@@ -150,8 +166,8 @@ def apply(num_threads: int, num_workers: int = 0, device: str = "cpu") -> dict:
     except RuntimeError:  # already set, or inter-op work has started: keep it
         pass
     chosen = {"threads": threads, "interop_threads": torch.get_num_interop_threads(), "cores": available_cores(),
-              "workers": resolve_workers(num_workers), "openmp_wait": openmp_policy(), "device": device}
-    log.info("runtime: %d compute thread(s) on %d usable core(s)%s, OpenMP wait %s, %d DataLoader worker(s), device %s",
+              "workers": resolve_workers(num_workers, threads, device), "openmp_wait": openmp_policy(), "device": device}
+    log.info("runtime: %d compute thread(s) on %d usable core(s)%s, OpenMP wait %s, %d DataLoader worker(s)%s, device %s",
              threads, chosen["cores"], "" if num_threads <= 0 else " (runtime.num_threads)", chosen["openmp_wait"],
-             chosen["workers"], device)
+             chosen["workers"], " (auto)" if num_workers == "auto" else "", device)
     return chosen

@@ -34,9 +34,12 @@ def select_device(cfg) -> torch.device:
 def loader_options(cfg, device: torch.device) -> dict:
     """DataLoader keywords from ``runtime``: worker processes (`ccam.threads.resolve_workers`) and,
     on CUDA, pinned host memory so ``.to(device, non_blocking=True)`` copies overlap compute."""
+    import torch
+
     from ccam.threads import resolve_workers
 
-    return {"num_workers": resolve_workers(cfg.runtime.num_workers), "pin_memory": device.type == "cuda"}
+    workers = resolve_workers(cfg.runtime.num_workers, torch.get_num_threads(), device.type)
+    return {"num_workers": workers, "pin_memory": device.type == "cuda"}
 
 
 def seed_everything(seed: int) -> None:
@@ -45,21 +48,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AUGMENT_SEED = 1 << 40  # offsets the augmentation stream from the shuffle's
+
+
 def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last: bool, num_workers: int, desc: str,
                    optimizer: torch.optim.Optimizer, scheduler=None,
                    loss_of: Callable[[dict, torch.Generator], tuple[torch.Tensor, int]], pin_memory: bool = False) -> float:
     """One training epoch over ``dataset`` shuffled by a generator seeded with (seed, epoch); returns the mean loss.
 
-    ``loss_of(batch, generator)`` gives (loss, slices in the batch); the same generator that
-    shuffled the batches is passed on for augmentation, so an epoch is reproducible on its own
-    (a resumed run draws what the uninterrupted one drew).
+    ``loss_of(batch, generator)`` gives (loss, slices in the batch); the generator passed on for
+    augmentation is seeded by (seed, epoch) too, so an epoch is reproducible on its own (a resumed
+    run draws what the uninterrupted one drew). It is not the one that shuffles: DataLoader
+    workers read the shuffled order ahead of the training loop, so a shared generator would make
+    the augmentation depend on the number of workers.
     """
     from torch.utils.data import DataLoader
 
     from ccam import distributed
     from ccam.progress import tqdm
 
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)  # the shuffle
+    augment_gen = torch.Generator().manual_seed(AUGMENT_SEED + seed * 1000 + epoch)
     dist_sampler = distributed.sampler(dataset, seed=seed * 1000 + epoch, drop_last=drop_last)  # torchrun: this rank's share
     if dist_sampler is not None:
         loader = DataLoader(dataset, batch_size=distributed.local_batch(batch_size), sampler=dist_sampler, drop_last=drop_last,
@@ -70,7 +79,7 @@ def shuffled_epoch(dataset, *, epoch: int, seed: int, batch_size: int, drop_last
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
     for batch in bar:
-        loss, size = loss_of(batch, gen)
+        loss, size = loss_of(batch, augment_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import pytest
 from ccam import config as config_mod
 from ccam.data.cohort import Cohort
 from ccam.data.phantom import make_phantom_volume
+from ccam.errors import UserError
 from ccam.runner import WorkdirLock, run_stage
 from ccam.stages.base import STAGES, Stage, register, stage_status
 
@@ -203,3 +205,33 @@ def test_missing_previous_stage_is_a_clear_error(prepared, cli, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("ccam: error")]
     assert rc == 2 and len(lines) == 1 and "needs 'train-pcam'" in lines[0] and "Traceback" not in err
     assert not (w / "sample").exists()
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """DataLoader workers are forked children: when the ccam process is killed with SIGKILL, a worker
+    that lives on a little must not keep the work directory locked for the next command."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    w = tmp_path / "w"
+    code = ("import os, sys, time\n"
+            "from pathlib import Path\n"
+            "from ccam.runner import WorkdirLock\n"
+            "lock = WorkdirLock(Path(sys.argv[1])).__enter__()\n"
+            "if os.fork() == 0:\n"
+            "    time.sleep(60); os._exit(0)\n"
+            "print('locked', flush=True); time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(w)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="in use by another ccam process"):
+            WorkdirLock(w).__enter__()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        time.sleep(0.2)
+        with WorkdirLock(w):  # the child still runs, the lock is free
+            pass
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)

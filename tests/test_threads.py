@@ -40,6 +40,39 @@ def test_workers_never_outnumber_the_spare_cores(monkeypatch):
     assert threads.resolve_workers(4) == 1
 
 
+def test_auto_workers_take_the_cores_the_threads_leave(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    assert threads.resolve_workers("auto", 2, "cpu") == 0  # every core computes: load in the main process
+    assert threads.resolve_workers("auto", 1, "cpu") == 1
+    assert threads.resolve_workers("auto", 2, "cuda") == 1
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    assert threads.resolve_workers("auto", 16, "cuda") == 4
+    assert threads.resolve_workers("auto", 12, "cpu") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks share the 16 cores
+    assert threads.resolve_workers("auto", 1, "cpu") == 7
+    assert threads.resolve_workers("auto", 8, "cpu") == 0
+    assert threads.resolve_workers("auto", 8, "cuda") == 4
+
+
+def test_stage_logs_the_workers_it_chose(prepared, cli):
+    """Through the CLI: auto workers follow the thread count, the stage logs the choice, and training
+    with a worker process gives the same weights as loading in the main process."""
+    import torch
+
+    cores = threads.available_cores()
+    sets = ["--set", "pcam.epochs=1", "--set", "pcam.batch_size=8", "--set", "pcam.width=0.25", "--set", "runtime.num_threads=1"]
+    w1, w0 = prepared(32), prepared(32)
+    rc, _, err = cli("train-pcam", "--workdir", w1, *sets)
+    assert rc == 0, err
+    assert f"1 compute thread(s) on {cores} usable core(s)" in err and f"{cores - 1} DataLoader worker(s) (auto)" in err
+    rc, _, err = cli("train-pcam", "--workdir", w0, *sets, "--set", "runtime.num_workers=0")
+    assert rc == 0 and "0 DataLoader worker(s), device" in err
+    a = torch.load(w1 / "pcam" / "checkpoint_final.pt", weights_only=True)["model"]
+    b = torch.load(w0 / "pcam" / "checkpoint_final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_openmp_waits_passively_unless_the_user_chose():
     env: dict = {}
     assert threads.prepare_openmp(env) == "spin 1000 then sleep" and env["GOMP_SPINCOUNT"] == "1000"

@@ -3,7 +3,9 @@
 ``SPECS`` is the only place that says, per stage: its folder in the work directory, the stages
 whose outputs it must have (``needs``), the stages whose outputs it reads when they exist
 (``uses``), and the config keys its results depend on (``keys``: a section, or one
-``section.key``; ``ignore`` drops keys of a listed section). Keys that do not change results
+``section.key``; ``ignore`` drops keys of a listed section; ``if_changed``: ``section.key`` that
+enter the key only when not at their default, so switching them on leaves older work directories
+current, e.g. ``runtime.precision``). Keys that do not change results
 (``runtime.num_threads``, ``runtime.device``, ``runtime.num_workers``) are listed nowhere, so
 they never make a stage stale.
 
@@ -38,20 +40,25 @@ class Spec:
     uses: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    if_changed: tuple[str, ...] = ()
 
+
+# bf16 changes CAMs and masks; fp32, the default, keeps the keys every earlier run has
+PRECISION = ("runtime.precision",)
 
 # pipeline order; ``runtime.seed`` is listed where it changes weights or splits
 SPECS: dict[str, Spec] = {
     "prepare": Spec("prepare", keys=("data", "runtime.seed")),
     "train-pcam": Spec("pcam", needs=("prepare",), keys=("pcam", "runtime.seed")),
-    "sample": Spec("sample", needs=("prepare", "train-pcam"), keys=("cam", "anatomy.eps")),
+    "sample": Spec("sample", needs=("prepare", "train-pcam"), keys=("cam", "anatomy.eps"), if_changed=PRECISION),
     # ccam.enabled only picks the CAMs of later stages: switching it for an ablation row never retrains
     "train-ccam": Spec("ccam", needs=("prepare", "train-pcam", "sample"), keys=("pcam", "ccam", "runtime.seed"),
                        ignore=("ccam.enabled",)),
-    "pseudo-masks": Spec("pseudo_masks", needs=("prepare", "sample", "train-ccam"), keys=("pcam", "cam", "anatomy", "ccam")),
+    "pseudo-masks": Spec("pseudo_masks", needs=("prepare", "sample", "train-ccam"), keys=("pcam", "cam", "anatomy", "ccam"),
+                         if_changed=PRECISION),
     "refine": Spec("refined_masks", needs=("prepare", "sample", "pseudo-masks"), keys=("refine", "cam", "anatomy", "runtime.seed")),
     "train-seg": Spec("seg", needs=("prepare",), uses=("pseudo-masks", "refine"), keys=("seg", "runtime.seed")),
-    "predict": Spec("predictions", needs=("prepare", "train-seg"), keys=("predict",)),
+    "predict": Spec("predictions", needs=("prepare", "train-seg"), keys=("predict",), if_changed=PRECISION),
     "evaluate": Spec("evaluation", needs=("prepare",), uses=("train-pcam", "sample", "pseudo-masks", "refine", "predict"),
                      keys=("evaluate",)),
     "ablation": Spec("ablation", needs=("prepare", "sample", "train-ccam"), uses=("refine",),
@@ -74,6 +81,7 @@ class Stage:
     options: list = field(default_factory=list)  # extra click.Option objects for its command
     uses: tuple[str, ...] = ()  # stages whose outputs it reads when present
     ignore: tuple[str, ...] = ()  # keys of listed sections that do not matter
+    if_changed: tuple[str, ...] = ()  # section.key hashed only when not at the default
 
 
 STAGES: dict[str, Stage] = {}
@@ -82,7 +90,7 @@ STAGES: dict[str, Stage] = {}
 def stage(name: str, run: Callable[["StageContext"], Optional[dict]], **kw) -> Stage:
     """The Stage of ``name`` with folder, needs, uses and keys from ``SPECS``."""
     s = SPECS[name]
-    return Stage(name, s.folder, s.keys, s.needs, run, uses=s.uses, ignore=s.ignore, **kw)
+    return Stage(name, s.folder, s.keys, s.needs, run, uses=s.uses, ignore=s.ignore, if_changed=s.if_changed, **kw)
 
 
 def register(st: Stage) -> Stage:
@@ -146,6 +154,7 @@ def input_key(ctx: StageContext) -> tuple[str, dict]:
         inputs[f"uses:{up}"] = record_digest(ctx.workdir, up)
     if st.extra_inputs is not None:
         inputs.update(st.extra_inputs(ctx))
+    inputs.update(ctx.cfg.changed_keys(st.if_changed))
     return sha256_json(inputs), inputs
 
 

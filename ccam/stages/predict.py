@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ccam import artifacts
-from ccam.cam import autocast, precision_inputs
+from ccam.cam import autocast
 from ccam.data.cohort import Cohort
 from ccam.data.normalise import normaliser
 from ccam.errors import UserError
@@ -171,9 +171,9 @@ def run(ctx: base.StageContext) -> dict:
 def extra_inputs(ctx: base.StageContext) -> dict:
     """The checkpoint actually used (its bytes), so a retrained segmenter re-runs predict."""
     try:
-        return {"checkpoint": sha256_file(artifacts.checkpoint(ctx.workdir, "train-seg"))} | precision_inputs(ctx.cfg)
+        return {"checkpoint": sha256_file(artifacts.checkpoint(ctx.workdir, "train-seg"))}
     except UserError:
-        return {"checkpoint": None} | precision_inputs(ctx.cfg)
+        return {"checkpoint": None}
 
 
 STAGE = base.register(base.stage(

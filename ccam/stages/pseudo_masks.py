@@ -20,7 +20,7 @@ import numpy as np
 
 from ccam import artifacts
 from ccam.anatomy import anatomy_chain
-from ccam.cam import autocast, coarse_labels, coarse_mask_volume, precision_inputs
+from ccam.cam import autocast, coarse_labels, coarse_mask_volume
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.io.atomic import save_npy
 from ccam.io.volume import write_label_map
@@ -94,7 +94,7 @@ def _row_name(cc: bool, ac: bool) -> str:
 
 
 STAGE = base.register(base.stage(
-    "pseudo-masks", run, extra_inputs=lambda ctx: precision_inputs(ctx.cfg) if ctx.cfg.ccam.enabled else {},
+    "pseudo-masks", run,
     help="Pseudo-masks for every case: C-CAM (or P-CAM) CAMs, the anatomy chain, argmax with tau, on the source grid.",
     examples="ccam pseudo-masks --workdir runs/demo\n"
              "ccam pseudo-masks --workdir runs/demo --set anatomy.enabled=false   # the +CC row\n"

@@ -23,7 +23,7 @@ import torch
 
 from ccam import artifacts
 from ccam.anatomy import global_context, positional_indicator
-from ccam.cam import cams_for_slices, coarse_labels, coarse_mask_volume, precision_inputs
+from ccam.cam import cams_for_slices, coarse_labels, coarse_mask_volume
 from ccam.data.cohort import Cohort, PreparedCase
 from ccam.errors import UserError
 from ccam.io.atomic import atomic_path, save_npy
@@ -138,7 +138,7 @@ def run(ctx: base.StageContext) -> dict:
 
 
 STAGE = base.register(base.stage(
-    "sample", run, extra_inputs=lambda ctx: precision_inputs(ctx.cfg),
+    "sample", run,
     help="CAMs of every slice from P-CAM, coarse masks (also as NIfTI on the source grid), and the "
          "global context M_GC and 1/0 positional indicators M_s from the training slices.",
     examples="ccam sample --workdir runs/demo\n"

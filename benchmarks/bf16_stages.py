@@ -1,0 +1,98 @@
+"""``runtime.precision: bf16`` against fp32 for the stages `pseudo-masks` and `predict` (issue 12).
+
+`benchmarks/bf16.py` and `benchmarks/bf16_cams.py` measure CAM extraction (`sample`); this one
+times the two other stages that run under autocast, on a copy of a finished work directory (e.g.
+the demo's): each stage ``--force`` once per precision and repeat (the fastest run counts), and the
+mean Dice of its masks against the cohort's ground truth (evaluation only, every case that has
+one). `predict` runs first (its segmenter was trained on the fp32 pseudo-masks), then
+`pseudo-masks`. Goals: >= 1.5x where the CPU has bf16 instructions, Dice within 0.5 points.
+
+    .venv/bin/python benchmarks/bf16_stages.py --workdir runs/demo [--repeats 2] [--wait-idle 600]
+
+Rows are appended to benchmarks/results/bf16.jsonl; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+from bf16 import ccam, cpu_flags  # noqa: E402
+from under_load import cpu_model, wait_idle  # noqa: E402
+
+STAGES = ("predict", "pseudo-masks")
+
+
+def mean_dice(w: Path, stage: str) -> float:
+    """Mean over cases with ground truth of the mean foreground Dice (%) of the stage's masks."""
+    from ccam import artifacts
+    from ccam.data.cohort import Cohort
+    from ccam.io.volume import read_volume
+    from ccam.metrics import dice_per_class, read_ground_truth
+
+    cohort = Cohort(w)
+    per = []
+    for case in cohort.cases:
+        if not case.mask_path:
+            continue
+        gt = np.asarray(read_ground_truth(case).array).astype(np.int64)
+        pred = np.asarray(read_volume(artifacts.mask_path(w, stage, case.id), case=case.id).array).astype(np.int64)
+        per.append(dice_per_class(pred, gt, cohort.num_classes))
+    return round(100 * float(np.nanmean(np.nanmean(np.array(per, dtype=np.float64), axis=0))), 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True, help="a work directory where `predict` is done (e.g. runs/demo)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--wait-idle", type=float, default=600.0)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        w = Path(tmp) / "w"
+        shutil.copytree(a.workdir, w, ignore=shutil.ignore_patterns("export*", "review*"))
+        idle, _, load = wait_idle(a.wait_idle)
+        res: dict = {}
+        for stage in STAGES:
+            for prec in ("fp32", "bf16"):
+                times = []
+                for _ in range(a.repeats):
+                    ccam(["-q", stage, "-w", str(w), "--force", "--set", f"runtime.precision={prec}"])
+                    times.append(json.loads((w / artifacts_folder(stage) / "_stage.json").read_text())["duration_s"])
+                res[(stage, prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, stage)}
+            ccam(["-q", stage, "-w", str(w), "--force", "--set", "runtime.precision=fp32"])  # back, for the next stage
+    flags = cpu_flags()
+    machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+    print(f"{a.workdir}; {machine}; bf16 flags: {', '.join(f for f in flags if 'bf16' in f) or 'none'}; "
+          f"machine idle: {'yes' if idle else 'NO'} (load {load:.2f})\n")
+    print("| stage | fp32 s | bf16 s | speed-up | Dice fp32 % | Dice bf16 % | change (points) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    with open(REPO / "benchmarks" / "results" / "bf16.jsonl", "a") as fh:
+        for stage in STAGES:
+            f, b = res[(stage, "fp32")], res[(stage, "bf16")]
+            speed, dd = f["stage_s"] / b["stage_s"], b["dice"] - f["dice"]
+            fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "benchmark": "bf16_stages", "stage": stage,
+                                 "workdir": a.workdir, "machine": machine, "cpu_flags": flags, "idle": idle,
+                                 "load1_at_start": load, "fp32": f, "bf16": b, "speedup": round(speed, 2),
+                                 "dice_change_points": round(dd, 2)}) + "\n")
+            print(f"| {stage} | {f['stage_s']:.1f} | {b['stage_s']:.1f} | {speed:.2f}x | {f['dice']:.2f} | {b['dice']:.2f} | {dd:+.2f} |")
+
+
+def artifacts_folder(stage: str) -> str:
+    from ccam.stages.base import folder_of
+
+    return folder_of(stage)
+
+
+if __name__ == "__main__":
+    main()
