@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -193,6 +194,15 @@ def _close_progress_bars() -> None:
 
 def _raise_stopped(signum, frame) -> None:
     raise Stopped()
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (a DataLoader worker) is ended by SIGTERM as usual, not by ccam's handler."""
+    if signal.getsignal(signal.SIGTERM) is _raise_stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def _stopped_line() -> str:
