@@ -151,7 +151,9 @@ def main() -> None:
     a = ap.parse_args()
     workdir = Path(a.workdir)
     setup(workdir, a.cases)
-    sets = list(a.sets)
+    # the work directory keeps the settings of its last command (W/config.yaml): pin the runtime
+    # defaults so an earlier --set (e.g. runtime.num_threads=1) cannot leak into this run
+    sets = ["runtime.num_threads=0", "runtime.num_workers=auto", "runtime.precision=fp32"] + list(a.sets)
     if a.stage == "train-pcam":
         sets.append(f"pcam.epochs={a.epochs}")
     ccam(["-q", a.stage, "-w", str(workdir / "w")] + [x for s in sets for x in ("--set", s)], dict(os.environ))  # upstream + warm caches
