@@ -3,8 +3,8 @@
 `benchmarks/bf16.py` and `benchmarks/bf16_cams.py` measure CAM extraction (`sample`); this one
 times the two other stages that run under autocast, on a copy of a finished work directory (e.g.
 the demo's), in this process (no CLI start-up): the per-case work of `pseudo-masks` (C-CAM's CAMs,
-the anatomy chain, the masks written) and `predict --input` on every volume of the cohort's
-manifest, once per precision and repeat (the fastest run counts), and the mean Dice of the masks
+the anatomy chain, the masks written), `predict --input` on every volume of the cohort's
+manifest, and the pipeline `predict`'s own path (prepared slices, every case), once per precision and repeat (the fastest run counts), and the mean Dice of the masks
 against the cohort's ground truth (evaluation only). In the pipeline, bf16 also makes `sample`
 and so everything after it stale; here the fp32 upstream is kept so that only the stage itself
 changes. Goals: >= 1.5x where the CPU has bf16 instructions, Dice within 0.5 points.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from bf16 import cpu_flags  # noqa: E402
 from under_load import cpu_model, wait_idle  # noqa: E402
 
-STAGES = ("predict", "pseudo-masks")
+STAGES = ("predict", "predict (pipeline path)", "pseudo-masks")
 
 
 def mean_dice(w: Path, folder: Path) -> float:
@@ -65,6 +65,7 @@ def main() -> None:
     from ccam import config as config_mod
     from ccam.data.cohort import Cohort
     from ccam.stages import base
+    from ccam.stages import predict as predict_stage
     from ccam.stages.predict import predict_files
     from ccam.stages.pseudo_masks import part_cases, run_part
 
@@ -99,6 +100,16 @@ def main() -> None:
                 predict_files(w, cfg, manifest, out)
                 times.append(round(time.perf_counter() - t0, 3))
             res[("predict", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, out)}
+            # the pipeline stage's own path (prepared slices, no NIfTI reading), over every case
+            pctx = base.StageContext(w, cfg, base.get_stage("predict"))
+            times = []
+            for _ in range(a.repeats):
+                shutil.rmtree(pctx.dir, ignore_errors=True)
+                pctx.dir.mkdir()
+                t0 = time.perf_counter()
+                predict_stage.run_part(pctx, Cohort(w).cases)
+                times.append(round(time.perf_counter() - t0, 3))
+            res[("predict (pipeline path)", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, pctx.dir)}
     flags = cpu_flags()
     machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
     print(f"{a.workdir} ({n_cases} cases); {machine}; bf16 flags: {', '.join(f for f in flags if 'bf16' in f) or 'none'}; "

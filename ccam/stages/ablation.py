@@ -79,7 +79,7 @@ def _sources(workdir, cfg, cohort: Cohort, needed: set[str]) -> dict[str, Callab
 def _label_confusion(labels: torch.Tensor, gt: np.ndarray, plane: tuple[int, int], c: int, chunk: int = 8) -> np.ndarray:
     """(C, C) confusion of a label row (N, S, S) upsampled to the source in-plane size (bilinear on one-hot, argmax)."""
     onehot = torch.nn.functional.one_hot(labels.long().clamp(0, c - 1), c).permute(0, 3, 1, 2)
-    up = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).argmax(1).numpy()
+    up = np.concatenate([resize_slices(onehot[a:a + chunk].float(), plane).max(1).indices.numpy()
                          for a in range(0, labels.shape[0], chunk)]).astype(np.int64)
     return confusion(up, gt, c)
 

@@ -174,7 +174,7 @@ def refine_stack(model: AffinityNet, slices: np.ndarray, cams: np.ndarray, rc, *
         scores = walk_scores(cam, model.affinities(x, rc.radius), radius=rc.radius, beta=rc.beta, t=rc.t, background=bg)
         if m_s is not None:
             scores[:, 1:] = anatomy_chain(scores[:, 1:], m_s)  # a class stays 0 where it never occurs
-        out[idx] = scores.argmax(1).to(torch.uint8).cpu().numpy()
+        out[idx] = scores.max(1).indices.to(torch.uint8).cpu().numpy()  # = argmax(1), faster on CPU
     return out
 
 
