@@ -247,6 +247,8 @@ class Config(Section):
     def changed_keys(self, keys) -> dict:
         """``{name: value}`` of those ``section.key`` in ``keys`` whose value is not the default (name: the
         part after the dot): a setting that enters a stage key only when switched on."""
+        if not keys:
+            return {}
         data, default = self.model_dump(mode="json"), type(self)().model_dump(mode="json")
         out = {}
         for key in keys:

@@ -34,8 +34,6 @@ def select_device(cfg) -> torch.device:
 def loader_options(cfg, device: torch.device) -> dict:
     """DataLoader keywords from ``runtime``: worker processes (`ccam.threads.resolve_workers`) and,
     on CUDA, pinned host memory so ``.to(device, non_blocking=True)`` copies overlap compute."""
-    import torch
-
     from ccam.threads import resolve_workers
 
     workers = resolve_workers(cfg.runtime.num_workers, torch.get_num_threads(), device.type)
