@@ -45,7 +45,9 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2") if f in flags)
 
 
-def coarse_dice(w: Path) -> dict:
+def folder_dice(w: Path, folder: Path) -> dict:
+    """Dice (%) of ``folder/<case_id>.nii.gz`` against the cohort's ground truth (evaluation only):
+    per class averaged over the cases that have both, and the mean of the classes."""
     from ccam.data.cohort import Cohort
     from ccam.io.volume import read_volume
     from ccam.metrics import dice_per_class, read_ground_truth
@@ -53,13 +55,17 @@ def coarse_dice(w: Path) -> dict:
     cohort = Cohort(w)
     per = []
     for case in cohort.cases:
-        if not case.mask_path:
+        if not case.mask_path or not (folder / f"{case.id}.nii.gz").exists():
             continue
-        gt = np.asarray(read_ground_truth(case).array)
-        pred = np.asarray(read_volume(w / "sample" / "coarse_masks" / f"{case.id}.nii.gz", case=case.id).array)
-        per.append(dice_per_class(pred.astype(np.int64), gt.astype(np.int64), cohort.num_classes))
+        gt = np.asarray(read_ground_truth(case).array).astype(np.int64)
+        pred = np.asarray(read_volume(folder / f"{case.id}.nii.gz", case=case.id).array).astype(np.int64)
+        per.append(dice_per_class(pred, gt, cohort.num_classes))
     d = np.nanmean(np.array(per, dtype=np.float64), axis=0)
     return {"classes": dict(zip(cohort.classes, [round(100 * float(v), 2) for v in d])), "mean": round(100 * float(np.nanmean(d)), 2)}
+
+
+def coarse_dice(w: Path) -> dict:
+    return folder_dice(w, w / "sample" / "coarse_masks")
 
 
 def main() -> None:

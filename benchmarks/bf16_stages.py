@@ -25,32 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
-from bf16 import cpu_flags  # noqa: E402
+from bf16 import cpu_flags, folder_dice  # noqa: E402
 from under_load import cpu_model, wait_idle  # noqa: E402
 
 STAGES = ("predict", "predict (pipeline path)", "pseudo-masks")
 
 
 def mean_dice(w: Path, folder: Path) -> float:
-    """Mean over cases with ground truth of the mean foreground Dice (%) of ``folder/<id>.nii.gz``."""
-    from ccam.data.cohort import Cohort
-    from ccam.io.volume import read_volume
-    from ccam.metrics import dice_per_class, read_ground_truth
-
-    cohort = Cohort(w)
-    per = []
-    for case in cohort.cases:
-        if not case.mask_path or not (folder / f"{case.id}.nii.gz").exists():
-            continue
-        gt = np.asarray(read_ground_truth(case).array).astype(np.int64)
-        pred = np.asarray(read_volume(folder / f"{case.id}.nii.gz", case=case.id).array).astype(np.int64)
-        per.append(dice_per_class(pred, gt, cohort.num_classes))
-    return round(100 * float(np.nanmean(np.nanmean(np.array(per, dtype=np.float64), axis=0))), 2)
+    """Mean foreground Dice (%) of the masks in ``folder`` (`bf16.folder_dice`)."""
+    return folder_dice(w, folder)["mean"]
 
 
 def main() -> None:
@@ -78,7 +65,8 @@ def main() -> None:
             manifest = Path.cwd() / manifest
         base_cfg = config_mod.resolve(w)
         config_mod.apply_threads(base_cfg)
-        n_cases = len(Cohort(w).cases)
+        cases = Cohort(w).cases
+        n_cases = len(cases)
         idle, _, load = wait_idle(a.wait_idle)
         res: dict = {}
         for prec in ("fp32", "bf16"):
@@ -107,7 +95,7 @@ def main() -> None:
                 shutil.rmtree(pctx.dir, ignore_errors=True)
                 pctx.dir.mkdir()
                 t0 = time.perf_counter()
-                predict_stage.run_part(pctx, Cohort(w).cases)
+                predict_stage.run_part(pctx, cases)
                 times.append(round(time.perf_counter() - t0, 3))
             res[("predict (pipeline path)", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, pctx.dir)}
     flags = cpu_flags()

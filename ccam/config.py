@@ -247,14 +247,13 @@ class Config(Section):
     def changed_keys(self, keys) -> dict:
         """``{name: value}`` of those ``section.key`` in ``keys`` whose value is not the default (name: the
         part after the dot): a setting that enters a stage key only when switched on."""
-        if not keys:
-            return {}
-        data, default = self.model_dump(mode="json"), type(self)().model_dump(mode="json")
         out = {}
         for key in keys:
             section, name = key.split(".")
-            if data[section][name] != default[section][name]:
-                out[name] = data[section][name]
+            sec = getattr(self, section)
+            value = getattr(sec, name)
+            if value != type(sec).model_fields[name].get_default(call_default_factory=True):
+                out[name] = sec.model_dump(mode="json")[name]
         return out
 
     def to_yaml(self) -> str:

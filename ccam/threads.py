@@ -137,7 +137,8 @@ def resolve_workers(requested: "int | str", threads: Optional[int] = None, devic
     cores = available_cores()
     if requested == "auto":
         # torchrun: the ranks of this machine share its cores (LOCAL_WORLD_SIZE processes)
-        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+        ranks = max(1, int(local)) if local.isdigit() else 1
         if str(device).startswith("cuda"):
             return max(0, min(CUDA_WORKERS, cores // ranks - 1))
         used = resolve_threads(0, _STATE.get("host")) if threads is None else threads
