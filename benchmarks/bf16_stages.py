@@ -10,6 +10,7 @@ and so everything after it stale; here the fp32 upstream is kept so that only th
 changes. Goals: >= 1.5x where the CPU has bf16 instructions, Dice within 0.5 points.
 
     .venv/bin/python benchmarks/bf16_stages.py --workdir runs/demo [--repeats 2] [--wait-idle 600]
+        [--stages predict,pseudo-masks]
 
 Rows are appended to benchmarks/results/bf16.jsonl; a table is printed.
 """
@@ -45,7 +46,10 @@ def main() -> None:
     ap.add_argument("--workdir", required=True, help="a work directory where `predict` is done (e.g. runs/demo)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wait-idle", type=float, default=600.0)
+    ap.add_argument("--stages", default="predict,pseudo-masks",
+                    help="which to time: predict (both paths) and/or pseudo-masks (needs sample and train-ccam done)")
     a = ap.parse_args()
+    chosen = set(a.stages.split(","))
 
     import ccam.stages
     from ccam import artifacts
@@ -71,33 +75,35 @@ def main() -> None:
         res: dict = {}
         for prec in ("fp32", "bf16"):
             cfg = config_mod.resolve(w, None, [f"runtime.precision={prec}"])
-            ctx = base.StageContext(w, cfg, base.get_stage("pseudo-masks"))
-            times = []
-            for _ in range(a.repeats):
-                shutil.rmtree(ctx.dir)
-                ctx.dir.mkdir()
-                t0 = time.perf_counter()
-                run_part(ctx, part_cases(ctx))
-                times.append(round(time.perf_counter() - t0, 3))
-            res[("pseudo-masks", prec)] = {"stage_s": min(times), "runs_s": times,
-                                           "dice": mean_dice(w, artifacts.mask_dir(w, "pseudo-masks"))}
-            times = []
-            for r in range(a.repeats):
-                out = Path(tmp) / f"pred_{prec}_{r}"
-                t0 = time.perf_counter()
-                predict_files(w, cfg, manifest, out)
-                times.append(round(time.perf_counter() - t0, 3))
-            res[("predict", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, out)}
-            # the pipeline stage's own path (prepared slices, no NIfTI reading), over every case
-            pctx = base.StageContext(w, cfg, base.get_stage("predict"))
-            times = []
-            for _ in range(a.repeats):
-                shutil.rmtree(pctx.dir, ignore_errors=True)
-                pctx.dir.mkdir()
-                t0 = time.perf_counter()
-                predict_stage.run_part(pctx, cases)
-                times.append(round(time.perf_counter() - t0, 3))
-            res[("predict (pipeline path)", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, pctx.dir)}
+            if "pseudo-masks" in chosen:
+                ctx = base.StageContext(w, cfg, base.get_stage("pseudo-masks"))
+                times = []
+                for _ in range(a.repeats):
+                    shutil.rmtree(ctx.dir)
+                    ctx.dir.mkdir()
+                    t0 = time.perf_counter()
+                    run_part(ctx, part_cases(ctx))
+                    times.append(round(time.perf_counter() - t0, 3))
+                res[("pseudo-masks", prec)] = {"stage_s": min(times), "runs_s": times,
+                                               "dice": mean_dice(w, artifacts.mask_dir(w, "pseudo-masks"))}
+            if "predict" in chosen:
+                times = []
+                for r in range(a.repeats):
+                    out = Path(tmp) / f"pred_{prec}_{r}"
+                    t0 = time.perf_counter()
+                    predict_files(w, cfg, manifest, out)
+                    times.append(round(time.perf_counter() - t0, 3))
+                res[("predict", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, out)}
+                # the pipeline stage's own path (prepared slices, no NIfTI reading), over every case
+                pctx = base.StageContext(w, cfg, base.get_stage("predict"))
+                times = []
+                for _ in range(a.repeats):
+                    shutil.rmtree(pctx.dir, ignore_errors=True)
+                    pctx.dir.mkdir()
+                    t0 = time.perf_counter()
+                    predict_stage.run_part(pctx, cases)
+                    times.append(round(time.perf_counter() - t0, 3))
+                res[("predict (pipeline path)", prec)] = {"stage_s": min(times), "runs_s": times, "dice": mean_dice(w, pctx.dir)}
     flags = cpu_flags()
     machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
     print(f"{a.workdir} ({n_cases} cases); {machine}; bf16 flags: {', '.join(f for f in flags if 'bf16' in f) or 'none'}; "
@@ -105,7 +111,7 @@ def main() -> None:
     print("| stage | fp32 s | bf16 s | speed-up | Dice fp32 % | Dice bf16 % | change (points) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     with open(REPO / "benchmarks" / "results" / "bf16.jsonl", "a") as fh:
-        for stage in STAGES:
+        for stage in (st for st in STAGES if (st, "fp32") in res):
             f, b = res[(stage, "fp32")], res[(stage, "bf16")]
             speed, dd = f["stage_s"] / b["stage_s"], b["dice"] - f["dice"]
             fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "benchmark": "bf16_stages", "stage": stage,
